@@ -1,0 +1,330 @@
+"""SAM against independent float64 hand computations of the paper's update."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from sam import SAM, frozen_bn_stats
+
+LR, RHO = 0.1, 0.05
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def batch(seed=1, n=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def reference_grads(model, weights, x, y):
+    """float64 loss gradient at `weights` (a name -> tensor dict), in train mode."""
+    ref = copy.deepcopy(model).double().train()
+    w = {k: v.detach().double().requires_grad_(True) for k, v in weights.items()}
+    loss = nn.functional.cross_entropy(functional_call(ref, w, (x.double(),)), y)
+    return dict(zip(w, torch.autograd.grad(loss, list(w.values()))))
+
+
+def sam_two_step(model, opt, x, y):
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    perturbed = {k: v.detach().clone() for k, v in model.named_parameters()}
+    with frozen_bn_stats(model):
+        nn.functional.cross_entropy(model(x), y).backward()
+    opt.second_step(zero_grad=True)
+    return perturbed
+
+
+def test_one_step_matches_float64_hand_computation():
+    model = small_model()
+    x, y = batch()
+    w0 = {k: v.detach().double().clone() for k, v in model.named_parameters()}
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    perturbed = sam_two_step(model, opt, x, y)
+
+    g = reference_grads(model, w0, x, y)
+    norm = torch.sqrt(sum((v ** 2).sum() for v in g.values()))
+    w_adv = {k: w0[k] + RHO * g[k] / norm for k in w0}
+    g_adv = reference_grads(model, w_adv, x, y)
+    for k, v in model.named_parameters():
+        torch.testing.assert_close(perturbed[k].double(), w_adv[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(v.detach().double(), w0[k] - LR * g_adv[k], rtol=0, atol=1e-6)
+
+
+def test_first_step_returns_global_norm_and_second_step_restores_bitwise():
+    model = small_model()
+    x, y = batch()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    expected = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()))
+    norm = opt.first_step(zero_grad=True)
+    assert torch.is_tensor(norm) and norm.item() == pytest.approx(expected.item(), rel=1e-6)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.second_step()
+    for b, p in zip(before, model.parameters()):
+        assert torch.equal(b, p)  # lr 0: the restore alone must be exact
+
+
+def test_asam_matches_its_formula():
+    model = small_model()
+    x, y = batch()
+    eta = 0.01
+    w0 = {k: v.detach().double().clone() for k, v in model.named_parameters()}
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, adaptive=True, eta=eta, lr=LR)
+    perturbed = sam_two_step(model, opt, x, y)
+
+    g = reference_grads(model, w0, x, y)
+    t = {k: w0[k].abs() + eta for k in w0}
+    norm = torch.sqrt(sum(((t[k] * g[k]) ** 2).sum() for k in g))
+    w_adv = {k: w0[k] + 0.5 * t[k] ** 2 * g[k] / norm for k in w0}
+    g_adv = reference_grads(model, w_adv, x, y)
+    for k, v in model.named_parameters():
+        torch.testing.assert_close(perturbed[k].double(), w_adv[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(v.detach().double(), w0[k] - LR * g_adv[k], rtol=0, atol=1e-6)
+
+
+def test_per_group_rho_and_adaptive():
+    model = small_model()
+    x, y = batch()
+    w0 = {k: v.detach().double().clone() for k, v in model.named_parameters()}
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    others = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+    opt = SAM([{"params": weights, "adaptive": True}, {"params": others, "rho": 0.2}],
+              torch.optim.SGD, rho=0.1, lr=LR)
+    perturbed = sam_two_step(model, opt, x, y)
+
+    g = reference_grads(model, w0, x, y)
+    t = {k: (w0[k].abs() if k.endswith("weight") else torch.ones_like(w0[k])) for k in w0}
+    norm = torch.sqrt(sum(((t[k] * g[k]) ** 2).sum() for k in g))
+    for k in w0:
+        rho = 0.1 if k.endswith("weight") else 0.2
+        torch.testing.assert_close(perturbed[k].double(), w0[k] + rho * t[k] ** 2 * g[k] / norm,
+                                   rtol=0, atol=1e-6)
+
+
+def test_rho_zero_is_exactly_the_base_optimizer():
+    x, y = batch()
+    a, b = small_model(), small_model()
+    sam = SAM(a.parameters(), torch.optim.SGD, rho=0.0, lr=LR, momentum=0.9, nesterov=True)
+    sgd = torch.optim.SGD(b.parameters(), lr=LR, momentum=0.9, nesterov=True)
+    for _ in range(3):
+        sam_two_step(a, sam, x, y)
+        nn.functional.cross_entropy(b(x), y).backward()
+        sgd.step()
+        sgd.zero_grad()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_closure_form_equals_two_step_form_bitwise():
+    x, y = batch()
+    a, b = small_model(), small_model()
+    opt_a = SAM(a.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9)
+    opt_b = SAM(b.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9)
+
+    def closure():
+        loss = nn.functional.cross_entropy(b(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        nn.functional.cross_entropy(a(x), y).backward()
+        opt_a.first_step(zero_grad=True)
+        nn.functional.cross_entropy(a(x), y).backward()
+        opt_a.second_step(zero_grad=True)
+        closure()  # davda54 style: first backward outside, then step(closure)
+        opt_b.step(closure)
+        opt_b.zero_grad()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_closure_alone_computes_the_first_gradient_too():
+    x, y = batch()
+    a, b = small_model(), small_model()
+    opt_a = SAM(a.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    opt_b = SAM(b.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    nn.functional.cross_entropy(a(x), y).backward()
+    opt_a.first_step(zero_grad=True)
+    nn.functional.cross_entropy(a(x), y).backward()
+    opt_a.second_step(zero_grad=True)
+    opt_b.step(lambda: nn.functional.cross_entropy(b(x), y).backward())
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_step_without_closure_is_a_clear_error():
+    opt = SAM(small_model().parameters(), torch.optim.SGD, lr=LR)
+    with pytest.raises(ValueError, match="closure"):
+        opt.step()
+
+
+def test_parameters_without_grad_are_skipped():
+    model = small_model()
+    frozen = model[0].weight
+    frozen.requires_grad_(False)
+    before = frozen.detach().clone()
+    x, y = batch()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    sam_two_step(model, opt, x, y)
+    assert frozen.grad is None and torch.equal(frozen, before)
+    assert "backup" not in opt.state[frozen]
+
+
+def test_zero_gradient_gives_no_nan_and_no_move():
+    model = small_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    norm = opt.first_step()
+    assert norm.item() == 0.0
+    for b, p in zip(before, model.parameters()):
+        assert torch.equal(b, p)
+    opt.second_step()
+    for b, p in zip(before, model.parameters()):
+        assert torch.equal(b, p)
+
+
+def test_no_gradients_at_all_is_a_no_op():
+    model = small_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    assert opt.first_step() is None
+    opt.second_step()
+
+
+def test_state_dict_round_trip_continues_identically():
+    x, y = batch()
+    model = small_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9)
+    for _ in range(2):
+        sam_two_step(model, opt, x, y)
+    state = opt.state_dict()
+    assert all("momentum_buffer" in s for s in state["state"].values())
+    assert state["param_groups"][0]["rho"] == RHO
+
+    clone = copy.deepcopy(model)
+    opt2 = SAM(clone.parameters(), torch.optim.SGD, rho=0.5, lr=1.0, momentum=0.9)
+    opt2.load_state_dict(copy.deepcopy(state))
+    assert opt2.param_groups is opt2.base_optimizer.param_groups
+    assert opt2.param_groups[0]["rho"] == RHO and opt2.param_groups[0]["lr"] == LR
+    sam_two_step(model, opt, x, y)
+    sam_two_step(clone, opt2, x, y)
+    for p, q in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_lr_scheduler_on_sam_drives_the_base_optimizer_without_warning():
+    model = small_model()
+    x, y = batch()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sam_two_step(model, opt, x, y)
+        sched.step()
+    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(LR * (1 + 0.7071067811865476) / 2)
+
+
+def test_bn_running_stats_come_from_the_first_pass_only():
+    model = small_model()
+    plain = copy.deepcopy(model)
+    x, y = batch()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    sam_two_step(model, opt, x, y)
+    plain(x)  # one plain training-mode forward
+    bn, ref = model[1], plain[1]
+    assert torch.equal(bn.running_mean, ref.running_mean)
+    assert torch.equal(bn.running_var, ref.running_var)
+    assert bn.num_batches_tracked.item() == 1
+
+
+def test_frozen_bn_stats_restores_tracking_after_an_exception():
+    model = small_model()
+    with pytest.raises(RuntimeError):
+        with frozen_bn_stats(model):
+            raise RuntimeError("boom")
+    assert model[1].track_running_stats
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    (dict(rho=-0.1), ValueError), (dict(eta=-1.0), ValueError),
+    (dict(base_optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)), TypeError),
+    (dict(base_optimizer="sgd"), TypeError),
+])
+def test_invalid_arguments_are_rejected(kwargs, error):
+    kwargs.setdefault("base_optimizer", torch.optim.SGD)
+    with pytest.raises(error, match="rho|eta|base_optimizer"):
+        SAM(small_model().parameters(), lr=LR, **kwargs)
+
+
+def test_negative_rho_in_a_param_group_is_rejected():
+    model = small_model()
+    with pytest.raises(ValueError, match="rho"):
+        SAM([{"params": model.parameters(), "rho": -1}], torch.optim.SGD, lr=LR)
+
+
+def test_fp16_grad_scaler_order_matches_unscaled_sam():
+    x, y = batch()
+    a, b = small_model(), small_model()
+    opt_a = SAM(a.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    opt_b = SAM(b.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    sam_two_step(a, opt_a, x, y)
+
+    scaler.scale(nn.functional.cross_entropy(b(x), y)).backward()
+    scaler.unscale_(opt_b)
+    opt_b.first_step(zero_grad=True)
+    with frozen_bn_stats(b):
+        scaler.scale(nn.functional.cross_entropy(b(x), y)).backward()
+    opt_b.second_step(zero_grad=True, scaler=scaler)
+    scaler.update()
+    assert scaler.get_scale() == 1024.0
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad_pass", ["first", "second"])
+def test_fp16_grad_scaler_skips_the_step_cleanly_on_inf(bad_pass):
+    x, y = batch()
+    model = small_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    if bad_pass == "first":
+        model[0].weight.grad[0, 0] = float("inf")
+    scaler.unscale_(opt)
+    opt.first_step(zero_grad=True)
+    with frozen_bn_stats(model):
+        scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    if bad_pass == "second":
+        model[3].bias.grad[0] = float("nan")
+    opt.second_step(zero_grad=True, scaler=scaler)
+    scaler.update()
+    assert scaler.get_scale() == 512.0
+    for b, p in zip(before, model.parameters()):
+        assert torch.equal(b, p)
+    assert not opt.base_optimizer.state  # no momentum buffer was created either
+
+
+def test_bf16_autocast_step_runs_without_a_scaler():
+    model = small_model()
+    x, y = batch()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        nn.functional.cross_entropy(model(x), y).backward()
+    norm = opt.first_step(zero_grad=True)
+    assert norm.dtype == torch.float32 and torch.isfinite(norm)
+    with torch.autocast("cpu", dtype=torch.bfloat16), frozen_bn_stats(model):
+        nn.functional.cross_entropy(model(x), y).backward()
+    opt.second_step(zero_grad=True)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
