@@ -1,0 +1,17 @@
+"""Weight initialisation shared by the models, as in the reference implementations
+(Zagoruyko & Komodakis' WRN code, torchvision's ResNet): Kaiming-normal convolutions
+(fan_out, ReLU gain), BatchNorm weight 1 and bias 0, linear bias 0 (linear weight keeps
+PyTorch's default uniform init)."""
+
+import torch.nn as nn
+
+
+def init_weights(model):
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
