@@ -1,0 +1,92 @@
+"""Read CIFAR-10/100 from the official python layout, check it against the official
+checksums, and download it on request with torchvision's own downloader."""
+
+import os
+import pickle
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets.utils import calculate_md5, download_and_extract_archive
+
+# torchvision's classes carry the official URLs, file lists and MD5s; we reuse them.
+RELEASES = {"cifar10": (CIFAR10, "labels", 10), "cifar100": (CIFAR100, "fine_labels", 100)}
+DATA_DIR_ENV = "SAM_DATA_DIR"
+
+
+class DataError(Exception):
+    """Missing or unreadable data; the message is one line naming the file and the fix."""
+
+
+@dataclass
+class CifarData:
+    train_images: np.ndarray   # uint8, N x 3 x 32 x 32
+    train_labels: np.ndarray   # int64
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+    fingerprint: dict          # dataset, official (bool), md5 per file
+
+
+def default_data_dir():
+    """$SAM_DATA_DIR, else the user cache folder (never inside the code folders)."""
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "sam-cifar"
+
+
+def load_cifar(dataset, data_dir=None, download=False):
+    if dataset not in RELEASES:
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(RELEASES)}")
+    release, label_key, num_classes = RELEASES[dataset]
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    folder = root / release.base_folder
+    if download and not folder.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        download_and_extract_archive(release.url, str(root), filename=release.filename, md5=release.tgz_md5)
+    if not folder.is_dir():
+        raise DataError(f"{dataset} not found: no folder {folder}; run with --download, "
+                        f"or point --data-dir (or ${DATA_DIR_ENV}) at the folder that holds {release.base_folder}/")
+
+    train = [_read_batch(folder / name, label_key) for name, _ in release.train_list]
+    test = [_read_batch(folder / name, label_key) for name, _ in release.test_list]
+    fingerprint = _fingerprint(dataset, folder, release)
+    if not fingerprint["official"]:
+        print(f"warning: {dataset} files in {folder} do not match the official checksums "
+              f"(mismatched: {', '.join(fingerprint['mismatched'])}); accuracies are not comparable "
+              f"with results on the official release", file=sys.stderr)
+    return CifarData(
+        train_images=np.concatenate([b[0] for b in train]), train_labels=np.concatenate([b[1] for b in train]),
+        test_images=np.concatenate([b[0] for b in test]), test_labels=np.concatenate([b[1] for b in test]),
+        num_classes=num_classes, fingerprint=fingerprint)
+
+
+def _read_batch(path, label_key):
+    fix = "delete it and run with --download, or rebuild the folder"
+    if not path.is_file():
+        raise DataError(f"missing data file {path}; {fix}")
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        data, labels = np.asarray(entry["data"]), np.asarray(entry[label_key], dtype=np.int64)
+    except Exception as e:  # truncated, corrupt, or not a CIFAR batch at all
+        raise DataError(f"cannot read data file {path} ({type(e).__name__}: {e}); {fix}") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise DataError(f"data file {path} has data of shape {data.shape} ({data.dtype}) and "
+                        f"{len(labels)} labels, expected N x 3072 uint8 and N labels; {fix}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _fingerprint(dataset, folder, release):
+    files = release.train_list + release.test_list + [[release.meta["filename"], release.meta["md5"]]]
+    md5 = {}
+    mismatched = []
+    for name, official in files:
+        path = folder / name
+        md5[name] = calculate_md5(path) if path.is_file() else None
+        if md5[name] != official:
+            mismatched.append(name)
+    return {"dataset": dataset, "official": not mismatched, "md5": md5, "mismatched": mismatched}

@@ -1,0 +1,48 @@
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_PACK = REPO.parent / "shared" / "data" / "build_cifar10.py"
+
+
+def write_cifar10(root, per_batch=20, seed=0):
+    """Small CIFAR-10 batches in the official python layout (protocol-2 pickles)."""
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [int(v) for v in np.arange(per_batch) % 10]
+        # class-dependent colour so a tiny model can learn something
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        data[:, :1024] = (np.array(labels)[:, None] * 25).astype(np.uint8)
+        entry = {"batch_label": name, "labels": labels, "data": data,
+                 "filenames": [f"{i:05d}.png" for i in range(per_batch)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [str(i) for i in range(10)]}, f, protocol=2)
+    return Path(root)
+
+
+@pytest.fixture
+def synthetic_cifar(tmp_path):
+    return write_cifar10(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def cifar_pack(tmp_path_factory):
+    """The real CIFAR-10 pack, built once per session ($SAM_TEST_CIFAR_DIR if already built)."""
+    prebuilt = os.environ.get("SAM_TEST_CIFAR_DIR")
+    if prebuilt and (Path(prebuilt) / "cifar-10-batches-py").is_dir():
+        return Path(prebuilt)
+    if not SHARED_PACK.is_file():
+        pytest.skip(f"CIFAR-10 pack not found at {SHARED_PACK}")
+    out = tmp_path_factory.mktemp("cifar_pack")
+    subprocess.run([sys.executable, str(SHARED_PACK), str(out)], check=True, capture_output=True)
+    return out

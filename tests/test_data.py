@@ -1,0 +1,234 @@
+import numpy as np
+import pytest
+import torch
+
+from data import DataError, build_loaders, load_cifar
+from data.augment import cutout, pad_images, per_image_transform, random_crop_flip
+from data.loaders import DeviceLoader, _Normaliser
+from data.splits import make_splits, noisy_labels
+
+
+# ---- loading and integrity -------------------------------------------------------------
+
+def test_loads_synthetic_official_layout(synthetic_cifar, capsys):
+    data = load_cifar("cifar10", synthetic_cifar)
+    assert data.train_images.shape == (100, 3, 32, 32) and data.train_images.dtype == np.uint8
+    assert data.test_images.shape == (20, 3, 32, 32) and data.num_classes == 10
+    assert data.train_labels.dtype == np.int64 and set(data.train_labels) == set(range(10))
+    assert data.fingerprint["official"] is False
+    assert len(data.fingerprint["md5"]["data_batch_1"]) == 32
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "official checksums" in err
+
+
+def test_missing_folder_names_the_fix(tmp_path):
+    with pytest.raises(DataError, match="--download") as e:
+        load_cifar("cifar10", tmp_path / "nowhere")
+    assert "\n" not in str(e.value)
+
+
+def test_truncated_batch_names_the_file(synthetic_cifar):
+    path = synthetic_cifar / "cifar-10-batches-py" / "data_batch_3"
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(DataError, match="data_batch_3.*--download") as e:
+        load_cifar("cifar10", synthetic_cifar)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_batch_names_the_file(synthetic_cifar):
+    (synthetic_cifar / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(DataError, match="test_batch"):
+        load_cifar("cifar10", synthetic_cifar)
+
+
+def test_wrong_shaped_batch_names_the_file(synthetic_cifar):
+    import pickle
+    path = synthetic_cifar / "cifar-10-batches-py" / "data_batch_2"
+    with open(path, "wb") as f:
+        pickle.dump({"labels": [0] * 4, "data": np.zeros((4, 100), np.uint8)}, f, protocol=2)
+    with pytest.raises(DataError, match="data_batch_2.*shape"):
+        load_cifar("cifar10", synthetic_cifar)
+
+
+def test_unknown_dataset():
+    with pytest.raises(DataError, match="cifar10, cifar100"):
+        load_cifar("mnist")
+
+
+def test_default_data_dir_honours_the_environment(monkeypatch, tmp_path):
+    from data import default_data_dir
+    monkeypatch.setenv("SAM_DATA_DIR", str(tmp_path))
+    assert default_data_dir() == tmp_path
+    monkeypatch.delenv("SAM_DATA_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert default_data_dir() == tmp_path / "cache" / "sam-cifar"
+
+
+def test_real_pack_counts_and_statistics(cifar_pack):
+    from data.augment import channel_stats
+    data = load_cifar("cifar10", cifar_pack)
+    assert len(data.train_labels) == 50_000 and len(data.test_labels) == 10_000
+    assert (np.bincount(data.train_labels) == 5000).all() and (np.bincount(data.test_labels) == 1000).all()
+    mean, std = channel_stats(data.train_images)
+    # Published CIFAR-10 training statistics; the JPEG pack is within a fraction of a percent.
+    np.testing.assert_allclose(mean, [0.4914, 0.4822, 0.4465], atol=0.005)
+    np.testing.assert_allclose(std, [0.2470, 0.2435, 0.2616], atol=0.005)
+    # and the histogram method agrees with a direct float64 computation on a slice
+    part = data.train_images[:2000].astype(np.float64) / 255
+    m, s = channel_stats(data.train_images[:2000])
+    np.testing.assert_allclose(m, part.mean(axis=(0, 2, 3)), rtol=1e-10)
+    np.testing.assert_allclose(s, part.std(axis=(0, 2, 3)), rtol=1e-10)
+
+
+# ---- augmentations -----------------------------------------------------------------------
+
+def coordinate_images(n):
+    """Each pixel holds its own (row, column) in the padded 40x40 frame."""
+    grid = torch.arange(40)[:, None] * 40 + torch.arange(40)[None, :]
+    return grid.expand(n, 1, 40, 40).clone()
+
+
+def test_crops_stay_inside_the_padded_image_and_flip_about_half_the_time():
+    out = random_crop_flip(coordinate_images(4000), torch.Generator().manual_seed(0))
+    rows, cols = out[:, 0] // 40, out[:, 0] % 40
+    top, left = rows[:, 0, 0], cols[:, 0].amin(1)
+    assert top.min() == 0 and top.max() == 8 and left.min() == 0 and left.max() == 8
+    assert torch.equal(rows, top[:, None, None] + torch.arange(32)[None, :, None].expand(-1, -1, 32))
+    flipped = cols[:, 0, 0] > cols[:, 0, -1]
+    expected = left[:, None] + torch.arange(32)
+    expected = torch.where(flipped[:, None], expected.flip(1), expected)
+    assert torch.equal(cols[:, 0], expected) and torch.equal(cols, cols[:, :1].expand(-1, 32, -1))
+    assert abs(flipped.float().mean().item() - 0.5) < 0.03  # 4000 draws: 0.03 is > 3.5 sigma
+
+
+def test_cutout_zeroes_exactly_one_clipped_16x16_window():
+    out = cutout(torch.ones(2000, 3, 32, 32), torch.Generator().manual_seed(0))
+    zero = out == 0
+    assert torch.equal(zero, zero[:, :1].expand_as(zero))  # same window on every channel
+    zero = zero[:, 0]
+    rows, cols = zero.any(2), zero.any(1)
+    heights, widths = rows.sum(1), cols.sum(1)
+    assert torch.equal(zero.sum((1, 2)), heights * widths)  # a rectangle
+    assert heights.min() >= 8 and heights.max() == 16 and widths.min() >= 8 and widths.max() == 16
+    inside = (heights == 16) & (widths == 16)
+    assert inside.float().mean() == pytest.approx((17 / 32) ** 2, abs=0.04)
+    top = rows.float().argmax(1)
+    clipped_top = (heights < 16) & (top == 0)
+    clipped_bottom = (heights < 16) & (top > 0)
+    assert torch.equal(clipped_top | clipped_bottom, heights < 16)
+    assert (top[clipped_bottom] + heights[clipped_bottom] == 32).all()
+
+
+def test_identical_seeds_give_identical_batches(synthetic_cifar):
+    data = load_cifar("cifar10", synthetic_cifar)
+
+    def epoch(seed, e):
+        train, _ = build_loaders(data, augment="cutout", batch_size=16, device="cpu", seed=seed)
+        train.set_epoch(e)
+        return [b for b in train]
+
+    a, b, c, d = epoch(1, 0), epoch(1, 0), epoch(1, 1), epoch(2, 0)
+    assert len(a) == 100 // 16
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    assert not torch.equal(a[0][0], c[0][0]) and not torch.equal(a[0][0], d[0][0])
+
+
+def test_device_and_worker_paths_agree_in_distribution():
+    """Same image, 6000 draws each: both paths reach the same 162 crops x flips (reflect
+    padding included) with frequencies consistent with one uniform distribution."""
+    image = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 32, 32), dtype=np.uint8))
+    n = 6000
+    padded = torch.from_numpy(pad_images(image[None].numpy(), "reflect")).expand(n, -1, -1, -1)
+    device_out = random_crop_flip(padded, torch.Generator().manual_seed(0))
+    transform = per_image_transform("basic", "reflect")
+    torch.manual_seed(0)
+    worker_out = torch.stack([transform(image) for _ in range(n)])
+
+    def counts(batch):
+        keys, inverse = torch.unique(batch.reshape(n, -1), dim=0, return_inverse=True)
+        return keys, torch.bincount(inverse, minlength=len(keys))
+
+    k1, c1 = counts(device_out)
+    k2, c2 = counts(worker_out)
+    assert len(k1) == len(k2) == 162 and torch.equal(k1, k2)
+    # chi-square homogeneity test, 161 degrees of freedom: the 0.999 quantile is about 220
+    total = (c1 + c2).double()
+    expected = total / 2
+    chi2 = (((c1 - expected) ** 2 + (c2 - expected) ** 2) / expected).sum().item()
+    assert chi2 < 220
+
+
+def test_normalised_batches_are_channels_last_and_standardised(cifar_pack):
+    data = load_cifar("cifar10", cifar_pack)
+    _, evals = build_loaders(data, augment="basic", batch_size=1000, device="cpu")
+    x = torch.cat([b[0] for b in evals["test"]])
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.shape == (10_000, 3, 32, 32)
+    # normalised with training statistics, so the test set is close to (0, 1), not exactly
+    assert x.mean((0, 2, 3)).abs().max() < 0.05 and (x.std((0, 2, 3)) - 1).abs().max() < 0.05
+
+
+def test_device_loader_shards_the_global_batch_across_ranks():
+    images = np.zeros((64, 3, 32, 32), np.uint8)
+    labels = np.arange(64)
+    norm = _Normaliser([0, 0, 0], [1, 1, 1], "cpu", torch.float32, False, False)
+    kw = dict(batch_size=16, device="cpu", normaliser=norm, augment="basic", train=True, seed=3)
+    whole = [y for _, y in DeviceLoader(images, labels, **kw)]
+    ranks = [[y for _, y in DeviceLoader(images, labels, rank=r, world_size=2, **kw)] for r in range(2)]
+    for w, a, b in zip(whole, *ranks):
+        assert len(a) == len(b) == 8 and torch.equal(torch.cat([a, b]), w)
+
+
+# ---- paper extras --------------------------------------------------------------------------
+
+def test_label_noise_is_exact_and_never_keeps_the_label():
+    labels = np.arange(10_000) % 10
+    noisy = noisy_labels(labels, 0.2, 10, seed=0)
+    changed = noisy != labels
+    assert changed.sum() == 2000
+    assert np.array_equal(noisy_labels(labels, 0.2, 10, seed=0), noisy)
+    assert sorted(np.unique(noisy[changed])) == list(range(10))
+
+
+def test_splits_noise_only_training_labels(synthetic_cifar):
+    data = load_cifar("cifar10", synthetic_cifar)
+    splits = make_splits(data, val_split=0.2, label_noise=0.5, seed=1)
+    assert len(splits.train_labels) == 80 and len(splits.eval_sets["val"][1]) == 20
+    assert np.array_equal(splits.eval_sets["test"][1], data.test_labels)
+    # validation labels are clean: they equal the original labels of the same images
+    val_x, val_y = splits.eval_sets["val"]
+    originals = {data.train_images[i].tobytes(): data.train_labels[i] for i in range(100)}
+    assert all(originals[x.tobytes()] == y for x, y in zip(val_x, val_y))
+    clean = np.array([originals[x.tobytes()] for x in splits.train_images])
+    assert (clean != splits.train_labels).sum() == 40
+
+
+def test_validation_split_is_fixed_across_run_seeds(synthetic_cifar):
+    data = load_cifar("cifar10", synthetic_cifar)
+    a = make_splits(data, val_split=0.1, seed=1).eval_sets["val"][0]
+    b = make_splits(data, val_split=0.1, seed=2).eval_sets["val"][0]
+    assert np.array_equal(a, b)
+
+
+def test_subset_takes_the_first_images(synthetic_cifar):
+    data = load_cifar("cifar10", synthetic_cifar)
+    splits = make_splits(data, subset=30)
+    assert np.array_equal(splits.train_images, data.train_images[:30])
+    assert np.array_equal(splits.eval_sets["test"][0], data.test_images[:20])
+
+
+def test_bad_loader_arguments(synthetic_cifar):
+    data = load_cifar("cifar10", synthetic_cifar)
+    with pytest.raises(ValueError, match="augmentation"):
+        build_loaders(data, augment="mixup", batch_size=8, device="cpu")
+    with pytest.raises(ValueError, match="--loader workers"):
+        build_loaders(data, augment="autoaugment", batch_size=8, device="cpu", loader="device")
+    with pytest.raises(ValueError, match="batch size"):
+        build_loaders(data, augment="basic", batch_size=1000, device="cpu")
+
+
+def test_worker_loader_runs_autoaugment(synthetic_cifar):
+    data = load_cifar("cifar10", synthetic_cifar)
+    train, _ = build_loaders(data, augment="autoaugment", batch_size=16, device="cpu", workers=0)
+    train.set_epoch(0)
+    x, y = next(iter(train))
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
