@@ -45,8 +45,13 @@ def load_cifar(dataset, data_dir=None, download=False):
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     folder = root / release.base_folder
     if download and not folder.is_dir():
-        root.mkdir(parents=True, exist_ok=True)
-        download_and_extract_archive(release.url, str(root), filename=release.filename, md5=release.tgz_md5)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            download_and_extract_archive(release.url, str(root), filename=release.filename, md5=release.tgz_md5)
+        except (OSError, RuntimeError) as e:  # no network, bad archive, MD5 mismatch (URLError is an OSError)
+            raise DataError(f"downloading {release.url} into {root} failed ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else 'no detail'}); check the network, or "
+                            f"place {release.base_folder}/ in --data-dir yourself") from None
     if not folder.is_dir():
         raise DataError(f"{dataset} not found: no folder {folder}; run with --download, "
                         f"or point --data-dir (or ${DATA_DIR_ENV}) at the folder that holds {release.base_folder}/")

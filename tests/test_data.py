@@ -232,3 +232,27 @@ def test_worker_loader_runs_autoaugment(synthetic_cifar):
     train.set_epoch(0)
     x, y = next(iter(train))
     assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+
+
+def test_download_uses_torchvisions_official_url_and_md5(tmp_path, monkeypatch):
+    import urllib.error
+    from torchvision.datasets import CIFAR10
+
+    import data.cifar
+    calls = []
+
+    def fake_download(url, root, filename, md5):
+        calls.append((url, filename, md5))
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(data.cifar, "download_and_extract_archive", fake_download)
+    with pytest.raises(DataError, match="downloading .*failed") as e:
+        load_cifar("cifar10", tmp_path, download=True)
+    assert calls == [(CIFAR10.url, CIFAR10.filename, CIFAR10.tgz_md5)]
+    assert "\n" not in str(e.value)
+
+
+def test_download_is_skipped_when_the_data_is_there(synthetic_cifar, monkeypatch):
+    import data.cifar
+    monkeypatch.setattr(data.cifar, "download_and_extract_archive", lambda *a, **k: pytest.fail("downloaded"))
+    assert len(load_cifar("cifar10", synthetic_cifar, download=True).train_labels) == 100
