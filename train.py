@@ -24,7 +24,7 @@ from tqdm import tqdm
 from data import DataError, build_loaders, load_cifar
 from engine import builders, checkpoint
 from engine.config import ConfigError, default_name, parse_config
-from engine.distributed import all_reduce_sum, init_distributed
+from engine.distributed import all_reduce_sum, init_distributed, replica_checksums
 from engine.step import TrainStep, evaluate
 from engine.tracker import Tracker, wandb_mode
 
@@ -204,10 +204,16 @@ def train(config, *, run_dir, resume_from, data, device, precision, channels_las
         if dist_info.enabled:
             torch.distributed.barrier()
 
+    if dist_info.enabled:
+        checksums = replica_checksums(model, dist_info)
+        torch.distributed.destroy_process_group()
+        if len(set(checksums)) > 1:
+            print(f"error: replicas diverged (parameter checksums {checksums})", file=sys.stderr)
+            return 1
+        if dist_info.main:
+            print(f"replicas identical: {dist_info.world_size} ranks, parameter checksum {checksums[0]}")
     if dist_info.main:
         finish(tracker, run_dir, metrics_from_log(run_dir), best, time.perf_counter() - wall_start, config)
-    if dist_info.enabled:
-        torch.distributed.destroy_process_group()
     return 0
 
 

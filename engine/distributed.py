@@ -38,3 +38,14 @@ def all_reduce_sum(tensor, info):
     if info.enabled:
         dist.all_reduce(tensor)
     return tensor
+
+
+def replica_checksums(module, info):
+    """A bitwise checksum of the parameters from every rank. DDP keeps replicas identical;
+    comparing once at the end of a run catches any drift (e.g. a step taken on one rank only)."""
+    bits = [p.detach().flatten().view(torch.int32 if p.element_size() == 4 else torch.int16).to(torch.int64)
+            for p in module.parameters()]
+    local = torch.stack([(b * torch.arange(1, len(b) + 1, device=b.device) % 1_000_003).sum() for b in bits]).sum()
+    gathered = [torch.zeros_like(local) for _ in range(info.world_size)]
+    dist.all_gather(gathered, local)
+    return [int(g) for g in gathered]

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# N seeds of one config, queued over the GPUs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+usage() {
+    cat <<'USAGE'
+usage: scripts/seeds.sh CONFIG [--seeds N] [--gpus 0,1,...] [--out-dir DIR] [--dry-run] [-- TRAIN_FLAGS...]
+
+Runs CONFIG with seeds 0..N-1 (default 5), one run per GPU at a time (GPUs from --gpus or
+CUDA_VISIBLE_DEVICES; the CPU when neither is set). All runs share the W&B group
+seeds-<config>. Re-running skips finished runs and resumes interrupted ones. Flags after --
+go to train.py unchanged.
+USAGE
+}
+
+SEEDS=5
+parse_common "$@"
+set -- "${REST[@]+"${REST[@]}"}"
+CONFIG=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --seeds) SEEDS=$2; shift 2 ;;
+        -*) die "unknown option $1 (pass train.py flags after --)" ;;
+        *) [ -z "$CONFIG" ] || die "one CONFIG only"; CONFIG=$1; shift ;;
+    esac
+done
+[ -n "$CONFIG" ] || die "missing CONFIG (e.g. configs/resnet18_sam.yaml); see --help"
+[ -f "$CONFIG" ] || die "config $CONFIG not found"
+
+stem=$(config_stem "$CONFIG")
+for ((seed = 0; seed < SEEDS; seed++)); do
+    add_run "$stem-seed$seed" --config "$CONFIG" --seed "$seed"
+done
+run_queue "seeds-$stem"
