@@ -68,7 +68,8 @@ class SAM(torch.optim.Optimizer):
             else:
                 norms.extend(torch._foreach_norm(grads))
                 direction = grads
-            ascents.append((group["rho"], params, direction))
+            # Scale in place where we own the tensors, or where the gradients are discarded next.
+            ascents.append((group["rho"], params, direction, group["adaptive"] or zero_grad))
         if not norms:
             self._perturbed = None
             return None
@@ -78,11 +79,16 @@ class SAM(torch.optim.Optimizer):
         grad_norm = torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in norms]))
 
         all_params, all_backups = [], []
-        for rho, params, direction in ascents:
+        for rho, params, direction, in_place in ascents:
             backups = [self._backup_buffer(p) for p in params]
             torch._foreach_copy_(backups, params)
             # The eps keeps a zero gradient from giving 0/0; then e = 0 and nothing moves.
-            torch._foreach_add_(params, torch._foreach_mul(direction, rho / (grad_norm + self.eps)))
+            scale = rho / (grad_norm + self.eps)
+            if in_place:
+                torch._foreach_mul_(direction, scale)
+            else:
+                direction = torch._foreach_mul(direction, scale)
+            torch._foreach_add_(params, direction)
             all_params += params
             all_backups += backups
         self._perturbed = (all_params, all_backups)
