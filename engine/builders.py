@@ -71,8 +71,12 @@ def build_optimizer(config, model, device):
         kwargs["fused"] = True
     if config["optimizer"] == "sgd":
         return torch.optim.SGD(model.parameters(), **kwargs)
-    return SAM(model.parameters(), torch.optim.SGD, rho=config["rho"], adaptive=config["adaptive"],
-               eta=config["eta"], **kwargs)
+    params = model.parameters()
+    if config["adaptive"]:  # ASAM scales weights (BatchNorm's too) by |w|, not biases, as its authors do
+        named = list(model.named_parameters())
+        params = [{"params": [p for n, p in named if n.endswith("weight")], "adaptive": True},
+                  {"params": [p for n, p in named if not n.endswith("weight")], "adaptive": False}]
+    return SAM(params, torch.optim.SGD, rho=config["rho"], adaptive=config["adaptive"], eta=config["eta"], **kwargs)
 
 
 def build_schedule(optimizer, total_steps):

@@ -238,3 +238,17 @@ def test_help_documents_every_flag_with_its_default():
     for name in SETTINGS:
         assert "--" + name.replace("_", "-") in text
     assert "--batch_size" in text and "--resume" in text and "(default: 0.05)" in text
+
+
+def test_adaptive_flag_scales_weights_but_not_biases():
+    from engine.builders import build_optimizer
+    from models import build_model
+    config, _ = parse_config(["--model", "wrn10_1", "--adaptive", "--rho", "2.0"])
+    model = build_model("wrn10_1")
+    opt = build_optimizer(config, model, torch.device("cpu"))
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    adaptive = {by_id[id(p)] for g in opt.param_groups if g["adaptive"] for p in g["params"]}
+    plain = {by_id[id(p)] for g in opt.param_groups if not g["adaptive"] for p in g["params"]}
+    assert "fc.weight" in adaptive and "bn.weight" in adaptive and plain == {"fc.bias", "bn.bias"} | {
+        n for n in by_id.values() if n.endswith("bias")}
+    assert all(g["rho"] == 2.0 for g in opt.param_groups)
