@@ -20,10 +20,13 @@ from data.splits import make_splits
 LOADERS = ("auto", "device", "workers")
 
 
+def derived_seed(*key):
+    """An independent 64-bit seed for each integer key (seed, epoch, ...)."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0])
+
+
 def seeded_generator(device, *key):
-    """A generator whose stream is fixed by the integer key (seed, epoch, ...)."""
-    seed = int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0])
-    return torch.Generator(device=device).manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(derived_seed(*key))
 
 
 class _Normaliser:
@@ -100,7 +103,7 @@ class WorkerLoader:
     def set_epoch(self, epoch):
         self.epoch = epoch
         self.sampler.set_epoch(epoch)
-        self.generator.manual_seed(int(seeded_generator("cpu", self.seed, epoch, 0).initial_seed()))
+        self.generator.manual_seed(derived_seed(self.seed, epoch, 0, self.rank))  # workers' transforms
 
     def __len__(self):
         return len(self.loader)
