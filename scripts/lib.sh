@@ -13,10 +13,12 @@ EXTRA=()
 RUN_NAMES=()
 RUN_ARGS=()
 
-# Parses the flags every script shares; what it does not know goes to train.py.
-# Sets REST to the script's own remaining arguments (those before any --).
+# Parses what every script shares: CONFIG (the one positional argument), --gpus, --out-dir,
+# --dry-run, --help, and train.py flags after --. The script's own options, named in
+# SCRIPT_OPTIONS, all take a value; they come back in OPTIONS as name/value pairs.
 parse_common() {
-    REST=()
+    CONFIG=""
+    OPTIONS=()
     while [ $# -gt 0 ]; do
         case "$1" in
             --gpus) GPUS=$2; shift 2 ;;
@@ -24,10 +26,17 @@ parse_common() {
             --dry-run) DRY_RUN=1; shift ;;
             --help|-h) usage; exit 0 ;;
             --) shift; EXTRA+=("$@"); break ;;
-            *) REST+=("$1"); shift ;;
+            -*) [[ " $SCRIPT_OPTIONS " == *" $1 "* ]] || unknown_option "$1"
+                [ $# -ge 2 ] || die "option $1 needs a value"
+                OPTIONS+=("$1" "$2"); shift 2 ;;
+            *) [ -z "$CONFIG" ] || die "one CONFIG only, got $CONFIG and $1"; CONFIG=$1; shift ;;
         esac
     done
+    [ -n "$CONFIG" ] || die "missing CONFIG (e.g. configs/wrn28-10_sam.yaml); see --help"
+    [ -f "$CONFIG" ] || die "config $CONFIG not found"
 }
+
+unknown_option() { die "unknown option $1 (pass train.py flags after --)"; }
 
 die() { echo "error: $*" >&2; exit 2; }
 

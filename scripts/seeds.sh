@@ -16,18 +16,15 @@ USAGE
 }
 
 SEEDS=5
+SCRIPT_OPTIONS="--seeds"
 parse_common "$@"
-set -- "${REST[@]+"${REST[@]}"}"
-CONFIG=""
+set -- "${OPTIONS[@]+"${OPTIONS[@]}"}"
 while [ $# -gt 0 ]; do
     case "$1" in
-        --seeds) SEEDS=$2; shift 2 ;;
-        -*) die "unknown option $1 (pass train.py flags after --)" ;;
-        *) [ -z "$CONFIG" ] || die "one CONFIG only"; CONFIG=$1; shift ;;
+        --seeds) SEEDS=$2 ;;
     esac
+    shift 2
 done
-[ -n "$CONFIG" ] || die "missing CONFIG (e.g. configs/resnet18_sam.yaml); see --help"
-[ -f "$CONFIG" ] || die "config $CONFIG not found"
 
 stem=$(config_stem "$CONFIG")
 for ((seed = 0; seed < SEEDS; seed++)); do

@@ -18,19 +18,16 @@ USAGE
 
 SEEDS=5
 AUGMENT=""
+SCRIPT_OPTIONS="--seeds --augment"
 parse_common "$@"
-set -- "${REST[@]+"${REST[@]}"}"
-CONFIG=""
+set -- "${OPTIONS[@]+"${OPTIONS[@]}"}"
 while [ $# -gt 0 ]; do
     case "$1" in
-        --seeds) SEEDS=$2; shift 2 ;;
-        --augment) AUGMENT=$2; shift 2 ;;
-        -*) die "unknown option $1 (pass train.py flags after --)" ;;
-        *) [ -z "$CONFIG" ] || die "one CONFIG only"; CONFIG=$1; shift ;;
+        --seeds) SEEDS=$2 ;;
+        --augment) AUGMENT=$2 ;;
     esac
+    shift 2
 done
-[ -n "$CONFIG" ] || die "missing CONFIG (e.g. configs/wrn28-10_sam.yaml); see --help"
-[ -f "$CONFIG" ] || die "config $CONFIG not found"
 
 stem=$(config_stem "$CONFIG")
 stem=${stem%_sam}

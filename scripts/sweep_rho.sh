@@ -19,20 +19,17 @@ USAGE
 GRID="0.01 0.02 0.05 0.1 0.2 0.5"
 VAL=0.1
 SEED=0
+SCRIPT_OPTIONS="--grid --val-split --seed"
 parse_common "$@"
-set -- "${REST[@]+"${REST[@]}"}"
-CONFIG=""
+set -- "${OPTIONS[@]+"${OPTIONS[@]}"}"
 while [ $# -gt 0 ]; do
     case "$1" in
-        --grid) GRID=$2; shift 2 ;;
-        --val-split) VAL=$2; shift 2 ;;
-        --seed) SEED=$2; shift 2 ;;
-        -*) die "unknown option $1 (pass train.py flags after --)" ;;
-        *) [ -z "$CONFIG" ] || die "one CONFIG only"; CONFIG=$1; shift ;;
+        --grid) GRID=$2 ;;
+        --val-split) VAL=$2 ;;
+        --seed) SEED=$2 ;;
     esac
+    shift 2
 done
-[ -n "$CONFIG" ] || die "missing CONFIG (e.g. configs/wrn28-10_sam.yaml); see --help"
-[ -f "$CONFIG" ] || die "config $CONFIG not found"
 
 stem=$(config_stem "$CONFIG")
 for rho in $GRID; do
