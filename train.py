@@ -26,7 +26,7 @@ from engine import builders, checkpoint
 from engine.config import ConfigError, default_name, parse_config
 from engine.distributed import all_reduce_sum, init_distributed, replica_checksums
 from engine.step import TrainStep, evaluate
-from engine.tracker import Tracker, wandb_mode
+from engine.tracker import Tracker, has_wandb_credentials, wandb_mode
 
 REPO = Path(__file__).resolve().parent
 
@@ -55,6 +55,9 @@ def prepare(config, run):
     if resume_from is None and (run_dir / "last.pt").exists():
         raise ConfigError(f"run folder {run_dir} already holds a run; pass --resume to continue it "
                           f"or --name for a new run")
+    if dist_info.main and wandb_mode(config["wandb_mode"]) == "online" and not has_wandb_credentials():
+        raise ConfigError("W&B online mode needs credentials and we never prompt: run `wandb login` or set "
+                          "WANDB_API_KEY, or use --wandb-mode offline")
     data = load_cifar(config["dataset"], config["data_dir"], config["download"])
     channels_last = device.type == "cuda" if config["channels_last"] is None else config["channels_last"]
     try:

@@ -252,3 +252,29 @@ def test_adaptive_flag_scales_weights_but_not_biases():
     assert "fc.weight" in adaptive and "bn.weight" in adaptive and plain == {"fc.bias", "bn.bias"} | {
         n for n in by_id.values() if n.endswith("bias")}
     assert all(g["rho"] == 2.0 for g in opt.param_groups)
+
+
+def test_wandb_mode_resolution(monkeypatch, tmp_path):
+    from engine.tracker import wandb_mode
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert wandb_mode(None) == "offline"          # no credentials: offline, never a prompt
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode(None) == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode(None) == "disabled" and wandb_mode("offline") == "offline"
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.delenv("WANDB_MODE")
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password " + "y" * 40 + "\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert wandb_mode(None) == "online"
+
+
+def test_online_without_credentials_is_exit_2_not_a_prompt(tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    code = train.main([*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "runs"),
+                       "--wandb-mode", "online"])
+    assert code == 2 and "wandb login" in one_line_error(capsys)
+    assert not (tmp_path / "runs").exists()
