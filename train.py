@@ -52,6 +52,8 @@ def prepare(config, run):
                           f"{dist_info.world_size} processes; use a multiple of {dist_info.world_size}")
     run_dir = Path(config["out_dir"]) / (config["name"] or default_name(config))
     resume_from = resume_path(run["resume"], run_dir)
+    if resume_from is not None:
+        run_dir = resume_from.parent  # a resumed run writes on in its own folder
     if resume_from is None and (run_dir / "last.pt").exists():
         raise ConfigError(f"run folder {run_dir} already holds a run; pass --resume to continue it "
                           f"or --name for a new run")

@@ -100,8 +100,13 @@ def test_resume_accepts_a_checkpoint_path(tiny_data, tmp_path):
     common = [*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--name", "r", "--wandb-mode",
               "disabled"]
     assert train.main([*common, "--epochs", "1"]) == 0
-    assert train.main([*common, "--epochs", "2", "--resume", str(tmp_path / "r" / "last.pt")]) == 0
+    # by path, without --name: the run continues in its own folder
+    others = [a for a in common if a not in ("--name", "r")]
+    assert train.main([*others, "--epochs", "2", "--resume", str(tmp_path / "r" / "last.pt")]) == 0
     assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["epoch"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "r"]  # no new run folder
+    assert train.main([*others, "--epochs", "3", "--resume", str(tmp_path / "r")]) == 0
+    assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["epoch"] == 3
 
 
 def one_line_error(capsys):
