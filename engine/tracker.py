@@ -25,7 +25,7 @@ def wandb_mode(flag):
     env = os.environ.get("WANDB_MODE")
     if env in ("online", "offline", "disabled"):
         return env
-    if env in ("dryrun",):
+    if env == "dryrun":  # wandb's old name for offline
         return "offline"
     return "online" if has_wandb_credentials() else "offline"
 
