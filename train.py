@@ -255,9 +255,8 @@ def finish(tracker, run_dir, last, best, wall_time, config):
                "optimizer": config["optimizer"], "rho": config["rho"], "seed": config["seed"]}
     if "val/acc" in last:
         results.update(final_val_acc=last["val/acc"], best_val_acc=best.get("best_val_acc"))
-    tmp = run_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, run_dir / "results.json")
+    text = json.dumps(results, indent=2) + "\n"
+    checkpoint.atomic_write(run_dir / "results.json", lambda f: f.write(text.encode()))
     tracker.summary(results)
     if config["save_artifact"]:
         tracker.log_artifact(run_dir / "last.pt", f"{run_dir.name}-checkpoint")

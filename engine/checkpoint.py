@@ -8,13 +8,13 @@ import numpy as np
 import torch
 
 
-def save_atomic(state, path):
-    """Write to a temporary file, fsync, then rename over the old one: a crash at any
-    moment leaves either the previous checkpoint or the new one, never a torn file."""
+def atomic_write(path, write):
+    """Call write(f) on a temporary binary file, fsync, then rename it over `path`: a crash at
+    any moment leaves either the old file or the new one, never a torn one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        torch.save(state, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -23,6 +23,10 @@ def save_atomic(state, path):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def save_atomic(state, path):
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load(path):

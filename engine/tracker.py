@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
+from engine.checkpoint import atomic_write
+
 
 def has_wandb_credentials():
     if os.environ.get("WANDB_API_KEY"):
@@ -73,6 +75,4 @@ class Tracker:
         if not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
