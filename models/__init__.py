@@ -1,37 +1,51 @@
-"""Models by name: build_model("wrn28_10"), build_model("resnet18", num_classes=100)."""
+"""Models by name: build_model("sam_wrn28_10"), build_model("resnet18", num_classes=100).
+
+    wrn<d>_<k>       WideResNet-d-k of Zagoruyko & Komodakis (1x1 shortcut convolutions), as
+                     davda54/sam uses it; options dropout, norm
+    sam_wrn<d>_<k>   the SAM authors' WideResNet (google-research/sam: zero-padded identity
+                     shortcuts, uniform final layer); option norm
+    resnet18         the CIFAR ResNet-18 (He et al. 2016)
+    resnet32         He et al.'s CIFAR ResNet-32 (16/32/64 channels, 0.46M parameters)
+    resnet32_jiang   the ResNet-32 of Jiang et al.'s released code (64 -> 128/256/512 channels),
+                     the one behind the label-noise numbers of the SAM paper's Table 4
+"""
 
 import re
 
-from models.resnet import ResNet18
-from models.wide_resnet import WideResNet
+from models.resnet import JiangResNet32, ResNet18, ResNet32
+from models.wide_resnet import SamWideResNet, WideResNet
 
-_WRN = re.compile(r"wrn(\d+)_(\d+)")
-_NAMED = ("wrn28_10", "wrn16_8", "resnet18")
+_WRN = re.compile(r"(sam_)?wrn(\d+)_(\d+)")
+_FIXED = {"resnet18": ResNet18, "resnet32": ResNet32, "resnet32_jiang": JiangResNet32}
+_NAMED = ("sam_wrn28_10", "wrn28_10", "wrn16_8", *_FIXED)
+_OPTIONS = {WideResNet: ("dropout", "norm"), SamWideResNet: ("norm",), ResNet18: (), ResNet32: (), JiangResNet32: ()}
 
 
 def available_models():
-    return list(_NAMED) + ["wrn<depth>_<width> (depth = 6n+4)"]
+    return list(_NAMED) + ["wrn<depth>_<width> and sam_wrn<depth>_<width> (depth = 6n+4)"]
 
 
 def model_spec(name, **options):
     """Check a model name and its options without building it: -> (class, kwargs)."""
-    if name == "resnet18":
-        if options:
-            raise ValueError(f"resnet18 takes no options, got {sorted(options)}")
-        return ResNet18, {}
     match = _WRN.fullmatch(name)
-    if match:
-        unknown = set(options) - {"dropout"}
-        if unknown:
-            raise ValueError(f"{name} takes only the option 'dropout', got {sorted(unknown)}")
-        depth, width = int(match[1]), int(match[2])
+    if name in _FIXED:
+        cls, kwargs = _FIXED[name], {}
+    elif match:
+        cls = SamWideResNet if match[1] else WideResNet
+        depth, width = int(match[2]), int(match[3])
         if depth < 10 or (depth - 4) % 6 or width < 1:
             raise ValueError(f"{name}: WideResNet depth must be 6n+4 (10, 16, 22, 28, ...) and width >= 1")
-        return WideResNet, dict(depth=depth, width=width, **options)
-    raise ValueError(f"unknown model {name!r}; valid names: {', '.join(available_models())}")
+        kwargs = dict(depth=depth, width=width)
+    else:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(available_models())}")
+    unknown = set(options) - set(_OPTIONS[cls])
+    if unknown:
+        allowed = f"only the options {', '.join(_OPTIONS[cls])}" if _OPTIONS[cls] else "no options"
+        raise ValueError(f"{name} takes {allowed}; got {', '.join(sorted(unknown))}")
+    return cls, {**kwargs, **options}
 
 
 def build_model(name, num_classes=10, **options):
-    """`options` go to the model: `dropout` for WideResNets; ResNet-18 takes none."""
+    """`options` go to the model (dropout and norm for WideResNets)."""
     cls, kwargs = model_spec(name, **options)
     return cls(num_classes=num_classes, **kwargs)

@@ -1,9 +1,11 @@
-"""Weight initialisation shared by the models, as in the reference implementations
+"""What the models share: the classifier head, and weight initialisation as in the reference implementations
 (Zagoruyko & Komodakis' WRN code, torchvision's ResNet): Kaiming-normal convolutions
 (fan_out, ReLU gain), BatchNorm weight 1 and bias 0, linear bias 0 (linear weight keeps
 PyTorch's default uniform init)."""
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def init_weights(model):
@@ -15,3 +17,8 @@ def init_weights(model):
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
             nn.init.zeros_(m.bias)
+
+
+def classify(fc, features):
+    """Global average pooling, then the linear classifier."""
+    return fc(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))

@@ -1,11 +1,13 @@
 import pytest
 import torch
 
-from models import available_models, build_model
+from models import build_model
 from models.wide_resnet import WideResNet
 
-# Published counts: WRN-28-10 36.5M (Zagoruyko & Komodakis), CIFAR ResNet-18 11.17M.
+# Published counts: WRN-28-10 36.5M (Zagoruyko & Komodakis), CIFAR ResNet-18 11.17M; the SAM
+# authors' WRN-28-10 has no 1x1 shortcut convolutions: 36,479,194 - (16*160 + 160*320 + 320*640).
 COUNTS = {("wrn28_10", 10): 36_479_194, ("wrn28_10", 100): 36_536_884,
+          ("sam_wrn28_10", 10): 36_220_634, ("sam_wrn28_10", 100): 36_278_324,
           ("resnet18", 10): 11_173_962, ("resnet18", 100): 11_220_132,
           ("wrn16_8", 10): 10_961_370}
 
@@ -16,7 +18,7 @@ def test_parameter_counts(name, classes):
     assert sum(p.numel() for p in model.parameters()) == COUNTS[name, classes]
 
 
-@pytest.mark.parametrize("name", ["resnet18", "wrn16_8", "wrn10_1", "wrn28_10"])
+@pytest.mark.parametrize("name", ["resnet18", "wrn16_8", "wrn10_1", "wrn28_10", "sam_wrn28_10", "sam_wrn10_2"])
 def test_forward_backward_and_shape(name):
     model = build_model(name, num_classes=7)
     out = model(torch.randn(2, 3, 32, 32))
@@ -52,11 +54,7 @@ def test_unknown_option_is_rejected():
         build_model("wrn16_8", widht=3)
 
 
-def test_available_models_lists_the_named_ones():
-    assert {"wrn28_10", "wrn16_8", "resnet18"} <= set(available_models())
-
-
-@pytest.mark.parametrize("name", ["resnet18", "wrn16_2"])
+@pytest.mark.parametrize("name", ["resnet18", "wrn16_2", "sam_wrn16_2"])
 def test_channels_last_matches_contiguous(name):
     torch.manual_seed(0)
     model = build_model(name).eval()
@@ -74,9 +72,49 @@ def test_bf16_autocast_forward():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager():
     torch.manual_seed(0)
     model = build_model("wrn10_1").eval()
     x = torch.randn(2, 3, 32, 32)
     compiled = torch.compile(model, fullgraph=True)  # fullgraph: no Python-side graph breaks
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_sam_wrn_blocks_follow_the_official_shortcuts():
+    """google-research/sam wide_resnet.py: the first block activates before it branches (its
+    shortcut is BN-ReLU of the input, zero-padded to the new width); a block that halves the
+    resolution pools its raw input by 2 and zero-pads the channels; the others add their input."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = build_model("sam_wrn10_2").eval()
+    first, second, third = model.blocks
+    x = torch.randn(2, 16, 8, 8)
+
+    def branch(block, inp):
+        return block.conv2(F.relu(block.bn2(block.conv1(F.relu(block.bn1(inp))))))
+
+    activated = F.relu(first.bn1(x))
+    torch.testing.assert_close(first(x), branch(first, x) + F.pad(activated, (0, 0, 0, 0, 0, 16)))
+    y = torch.randn(2, 32, 8, 8)
+    pooled = F.avg_pool2d(y, 2)
+    torch.testing.assert_close(second(y), branch(second, y) + torch.cat([pooled, torch.zeros_like(pooled)], 1))
+    assert not any(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) for m in model.modules())
+
+
+def test_sam_wrn_final_layer_is_uniform_over_one_over_sqrt_classes():
+    torch.manual_seed(0)
+    fc = build_model("sam_wrn28_10", num_classes=100).fc  # 64,000 weights
+    bound = 1 / 100 ** 0.5
+    assert fc.weight.abs().max().item() <= bound and fc.weight.abs().max().item() > 0.99 * bound
+    assert fc.weight.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.02)
+    assert torch.equal(fc.bias, torch.zeros(100))
+
+
+@pytest.mark.parametrize("name", ["wrn10_2", "sam_wrn10_2"])
+def test_norm_none_removes_every_batchnorm(name):
+    model = build_model(name, norm="none")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="takes only the options norm; got dropout"):
+        build_model("sam_wrn10_2", dropout=0.1)
