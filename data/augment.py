@@ -3,18 +3,30 @@ torchvision per-image pipeline used by the DataLoader path.
 
 basic:       4-pixel padding (reflect by default, as the official implementation), random
              32x32 crop, random horizontal flip, per-channel normalisation.
-cutout:      basic + one 16x16 window zeroed per image, centred uniformly in the image and
-             clipped at the borders (DeVries & Taylor 2017); applied after normalisation as
-             in their code, so the window holds the mean colour.
-autoaugment: basic + torchvision's AutoAugment, CIFAR-10 policy (DataLoader path only).
+cutout:      basic + a 16x16 window zeroed, centred uniformly in the image and clipped at the
+             borders (DeVries & Taylor 2017), after normalisation, so the window holds the mean
+             colour. Placement "batch" (official augmentation.py cutout): one window for the
+             whole batch; "image": one per image, as DeVries & Taylor's code.
+autoaugment: AutoAugment, then basic (official order: AutoAugment before flip and crop).
+             Policy "official": the SAM code's CIFAR policy (data/autoaugment.py); "torchvision":
+             torchvision's CIFAR10 policy, after crop and flip, in DataLoader workers.
+autoaugment_cutout: both, as the paper's appendix combines them.
+
+mixup (a separate setting, Zhang et al. 2017, as the official augmentation.py mixup): one weight
+lambda ~ Beta(alpha, alpha) per batch, taken as max(lambda, 1 - lambda); each image is mixed with
+the one at the mirrored position of the batch, and the labels become the same mix of one-hots.
 """
 
 import numpy as np
 import torch
 from torchvision.transforms import v2
 
-AUGMENTATIONS = ("none", "basic", "cutout", "autoaugment")
+from data.autoaugment import OfficialAutoAugment
+
+AUGMENTATIONS = ("none", "basic", "cutout", "autoaugment", "autoaugment_cutout")
 PADDING_MODES = ("reflect", "constant", "edge", "symmetric")
+AUTOAUGMENT_POLICIES = ("official", "torchvision")
+CUTOUT_PLACEMENTS = ("batch", "image")
 PAD, CROP, CUTOUT = 4, 32, 16
 
 
@@ -23,14 +35,26 @@ def pad_images(images, padding_mode="reflect"):
     return np.pad(images, ((0, 0), (0, 0), (PAD, PAD), (PAD, PAD)), mode=padding_mode)
 
 
-def random_crop_flip(padded, generator):
+def pad_batch(images, padding_mode="reflect"):
+    """pad_images for a batch already on the device (after AutoAugment): one gather."""
+    if padding_mode == "constant":
+        return torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))
+    rows, cols = (torch.from_numpy(np.pad(np.arange(n), PAD, mode=padding_mode)).to(images.device)
+                  for n in images.shape[2:])
+    return images[:, :, rows[:, None], cols[None, :]]
+
+
+def random_crop_flip(padded, generator, part=slice(None), total=None):
     """Per-image random CROP x CROP crop of padded images and a horizontal flip with
-    probability 1/2, in one gather. padded: B x C x (CROP + 2 PAD)^2, any dtype."""
+    probability 1/2, in one gather. padded: B x C x (CROP + 2 PAD)^2, any dtype.
+    The draws are made for `total` images (default B), of which `part` are these: a process
+    holding one slice of a global batch draws what a single process would for that slice."""
     b, c, h, w = padded.shape
     device = padded.device
-    top = torch.randint(0, h - CROP + 1, (b,), generator=generator, device=device)
-    left = torch.randint(0, w - CROP + 1, (b,), generator=generator, device=device)
-    flip = torch.rand(b, generator=generator, device=device) < 0.5
+    total = total or b
+    top = torch.randint(0, h - CROP + 1, (total,), generator=generator, device=device)[part]
+    left = torch.randint(0, w - CROP + 1, (total,), generator=generator, device=device)[part]
+    flip = (torch.rand(total, generator=generator, device=device) < 0.5)[part]
     span = torch.arange(CROP, device=device)
     rows = top[:, None] + span
     cols = left[:, None] + span
@@ -40,12 +64,16 @@ def random_crop_flip(padded, generator):
                   rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def cutout(images, generator, size=CUTOUT):
-    """Zero one size x size window per image (centre uniform over the image, clipped)."""
+def cutout(images, generator, size=CUTOUT, part=slice(None), total=None, placement="image"):
+    """Zero a size x size window (centre uniform over the image, clipped): one per image, or one
+    for the whole batch. Draws for `total` images of which `part` are these, as random_crop_flip."""
     b, _, h, w = images.shape
     device = images.device
-    cy = torch.randint(0, h, (b, 1), generator=generator, device=device)
-    cx = torch.randint(0, w, (b, 1), generator=generator, device=device)
+    total = total or b
+    draws = total if placement == "image" else 1
+    cy = torch.randint(0, h, (draws, 1), generator=generator, device=device)
+    cx = torch.randint(0, w, (draws, 1), generator=generator, device=device)
+    cy, cx = (cy[part], cx[part]) if placement == "image" else (cy.expand(b, 1), cx.expand(b, 1))
     ys, xs = torch.arange(h, device=device), torch.arange(w, device=device)
     in_y = (ys >= cy - size // 2) & (ys < cy + size - size // 2)
     in_x = (xs >= cx - size // 2) & (xs < cx + size - size // 2)
@@ -65,19 +93,37 @@ def channel_stats(images):
     return np.array(mean) / 255.0, np.array(std) / 255.0
 
 
-def to_model_input(images, mean, std, dtype, cutout_generator=None, channels_last=True):
+def to_model_input(images, mean, std, dtype, cutout_generator=None, channels_last=True, part=slice(None),
+                   total=None, placement="image"):
     """uint8 batch on the device -> normalised float batch (cutout after normalisation)."""
     x = (images.to(torch.float32) / 255.0 - mean) / std
     if cutout_generator is not None:
-        x = cutout(x, cutout_generator)
+        x = cutout(x, cutout_generator, part=part, total=total, placement=placement)
     x = x.to(dtype)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def per_image_transform(augment, padding_mode="reflect"):
+def per_image_transform(augment, padding_mode="reflect", policy="official"):
     """torchvision pipeline on uint8 C x H x W tensors for the DataLoader path (cutout and
     normalisation happen on the batch afterwards, exactly as on the GPU path)."""
-    steps = [v2.RandomCrop(CROP, padding=PAD, padding_mode=padding_mode), v2.RandomHorizontalFlip()]
-    if augment == "autoaugment":
-        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10))
-    return v2.Compose(steps)
+    if augment == "none":
+        return v2.Identity()
+    crop_flip = [v2.RandomCrop(CROP, padding=PAD, padding_mode=padding_mode), v2.RandomHorizontalFlip()]
+    if not augment.startswith("autoaugment"):
+        return v2.Compose(crop_flip)
+    if policy == "official":  # augmentation.py / dataset_source.py: AutoAugment, then flip, then pad and crop
+        return v2.Compose([OfficialAutoAugment(), *crop_flip[::-1]])
+    return v2.Compose([*crop_flip, v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)])
+
+
+def mixup(images, labels, num_classes, lam):
+    """Mix a normalised batch with itself reversed: lam * x + (1 - lam) * x[::-1], and the labels'
+    one-hots likewise (soft labels, which cross-entropy takes as probabilities)."""
+    one_hot = torch.nn.functional.one_hot(labels, num_classes).to(images.dtype)
+    return lam * images + (1 - lam) * images.flip(0), lam * one_hot + (1 - lam) * one_hot.flip(0)
+
+
+def mixup_weight(alpha, seed):
+    """lambda ~ Beta(alpha, alpha), taken as max(lambda, 1 - lambda), from a seed (host side, no sync)."""
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    return max(lam, 1 - lam)

@@ -38,11 +38,16 @@ def default_data_dir():
     return Path(cache) / "sam-cifar"
 
 
+def resolve_data_dir(data_dir=None):
+    """--data-dir, else $SAM_DATA_DIR, else the user cache folder."""
+    return Path(data_dir).expanduser() if data_dir else default_data_dir()
+
+
 def load_cifar(dataset, data_dir=None, download=False):
     if dataset not in RELEASES:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(RELEASES)}")
     release, label_key, num_classes = RELEASES[dataset]
-    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    root = resolve_data_dir(data_dir)
     folder = root / release.base_folder
     if download and not folder.is_dir():
         try:

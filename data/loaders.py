@@ -1,6 +1,10 @@
 """Two training loaders with one interface: iterate for (images, labels) batches on the
 device, `len()` batches per epoch, `set_epoch(e)` before each epoch. Each epoch's order and
-augmentation depend only on (seed, epoch), so a resumed run sees the same batches.
+augmentation depend only on (seed, epoch), so a resumed run sees the same batches. Under
+torchrun, process r of N takes the r-th consecutive slice of every global batch, and each
+image's augmentation depends on its place in the global batch, not on r: N processes see
+exactly the batches one process sees, split into N groups (so --m-sharpness B/N on one process
+trains what N processes train).
 
 DeviceLoader: the whole uint8 set lives on the training device; crops, flips and cutout
 are batched tensor ops (a CPU pipeline on a few cores cannot feed a fast GPU run).
@@ -11,10 +15,11 @@ import math
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data.augment import AUGMENTATIONS, channel_stats, pad_images, per_image_transform, random_crop_flip, \
-    to_model_input
+from data.augment import AUGMENTATIONS, channel_stats, mixup, mixup_weight, pad_batch, pad_images, \
+    per_image_transform, random_crop_flip, to_model_input
+from data.autoaugment import autoaugment
 from data.splits import make_splits
 
 LOADERS = ("auto", "device", "workers")
@@ -32,25 +37,36 @@ def seeded_generator(device, *key):
 class _Normaliser:
     """The last, shared step of both loaders: uint8 batch -> normalised (cutout) float batch."""
 
-    def __init__(self, mean, std, device, dtype, cutout, channels_last):
+    def __init__(self, mean, std, device, dtype, cutout, channels_last, placement="batch"):
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self.dtype, self.cutout, self.channels_last = dtype, cutout, channels_last
+        self.dtype, self.cutout, self.channels_last, self.placement = dtype, cutout, channels_last, placement
 
-    def __call__(self, images, generator):
-        return to_model_input(images, self.mean, self.std, self.dtype,
-                              generator if self.cutout else None, self.channels_last)
+    def __call__(self, images, generator, part=slice(None), total=None):
+        return to_model_input(images, self.mean, self.std, self.dtype, generator if self.cutout else None,
+                              self.channels_last, part, total, self.placement)
+
+
+def _mixed(loader, i, images, labels):
+    """Mixup of batch i when the loader has it (a weight per global batch, from (seed, epoch, i))."""
+    if not loader.mixup:
+        return images, labels
+    alpha, num_classes = loader.mixup
+    return mixup(images, labels, num_classes, mixup_weight(alpha, derived_seed(loader.seed, loader.epoch, i, 2)))
 
 
 class DeviceLoader:
     def __init__(self, images, labels, *, batch_size, device, normaliser, augment="none", train=False,
-                 seed=0, padding_mode="reflect", rank=0, world_size=1):
-        self.crop = train and augment in ("basic", "cutout")
-        self.images = torch.from_numpy(pad_images(images, padding_mode) if self.crop else images).to(device)
+                 seed=0, padding_mode="reflect", rank=0, world_size=1, mixup=None):
+        self.crop = train and augment != "none"
+        self.autoaugment = train and augment.startswith("autoaugment")  # the official policy, on the device
+        self.padding_mode = padding_mode
+        pad_once = self.crop and not self.autoaugment  # AutoAugment acts on the unpadded image, then we pad
+        self.images = torch.from_numpy(pad_images(images, padding_mode) if pad_once else images).to(device)
         self.labels = torch.from_numpy(labels).to(device)
         self.batch_size, self.local_batch = batch_size, batch_size // world_size
         self.device, self.normaliser, self.train = torch.device(device), normaliser, train
-        self.seed, self.rank, self.epoch = seed, rank, 0
+        self.seed, self.rank, self.epoch, self.mixup = seed, rank, 0, mixup  # mixup: (alpha, classes) or None
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -60,82 +76,113 @@ class DeviceLoader:
         return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
     def __iter__(self):
-        n, generator = len(self.labels), None
-        if self.train:  # same order on every rank, own augmentation stream per rank
-            order = torch.randperm(n, generator=seeded_generator(self.device, self.seed, self.epoch),
-                                   device=self.device)
-            generator = seeded_generator(self.device, self.seed, self.epoch, self.rank + 1)
-        else:
-            order = torch.arange(n, device=self.device)
+        if not self.train:
+            for start in range(0, len(self.labels), self.batch_size):
+                yield self.normaliser(self.images[start:start + self.batch_size], None), \
+                    self.labels[start:start + self.batch_size]
+            return
+        # The same order and the same augmentation draws on every rank; each takes its slice.
+        order = torch.randperm(len(self.labels), generator=seeded_generator(self.device, self.seed, self.epoch),
+                               device=self.device)
+        generator = seeded_generator(self.device, self.seed, self.epoch, 1)
+        part = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
         for i in range(len(self)):
-            start = i * self.batch_size + (self.rank * self.local_batch if self.train else 0)
-            idx = order[start:start + (self.local_batch if self.train else self.batch_size)]
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size][part]
             images = self.images[idx]
+            if self.autoaugment:
+                images = pad_batch(autoaugment(images, generator, part, self.batch_size), self.padding_mode)
             if self.crop:
-                images = random_crop_flip(images, generator)
-            yield self.normaliser(images, generator), self.labels[idx]
+                images = random_crop_flip(images, generator, part, self.batch_size)
+            yield _mixed(self, i, self.normaliser(images, generator, part, self.batch_size), self.labels[idx])
 
 
 class _TransformedImages(Dataset):
-    def __init__(self, images, labels, transform):
-        self.images, self.labels, self.transform = images, labels, transform
+    """Per-image transforms whose randomness depends on (seed, epoch, image), not on the worker."""
+
+    def __init__(self, images, labels, transform, seed):
+        self.images, self.labels, self.transform, self.seed, self.epoch = images, labels, transform, seed, 0
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, i):
-        return self.transform(torch.from_numpy(self.images[i])), int(self.labels[i])
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from the global generator
+            torch.manual_seed(derived_seed(self.seed, self.epoch, i))
+            return self.transform(torch.from_numpy(self.images[i])), int(self.labels[i])
+
+
+class _GlobalBatchSlices(Sampler):
+    """Rank r's indices: the r-th slice of every global batch of a (seed, epoch) permutation."""
+
+    def __init__(self, n, batch_size, seed, rank, world_size):
+        self.n, self.batch_size, self.seed, self.rank, self.epoch = n, batch_size, seed, rank, 0
+        self.local = batch_size // world_size
+
+    def __len__(self):
+        return self.n // self.batch_size * self.local
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(derived_seed(self.seed, self.epoch)))
+        for start in range(0, self.n - self.batch_size + 1, self.batch_size):
+            first = start + self.rank * self.local
+            yield from order[first:first + self.local].tolist()
 
 
 class WorkerLoader:
     def __init__(self, images, labels, *, batch_size, device, normaliser, augment="basic", seed=0,
-                 padding_mode="reflect", rank=0, world_size=1, workers=4):
-        dataset = _TransformedImages(images, labels, per_image_transform(augment, padding_mode))
-        self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                          seed=seed, drop_last=True)
-        self.generator = torch.Generator()  # seeds the workers' transforms
+                 padding_mode="reflect", rank=0, world_size=1, workers=4, policy="official", mixup=None):
+        self.dataset = _TransformedImages(images, labels, per_image_transform(augment, padding_mode, policy), seed)
+        self.sampler = _GlobalBatchSlices(len(labels), batch_size, seed, rank, world_size)
         self.device = torch.device(device)
-        self.loader = DataLoader(dataset, batch_size=batch_size // world_size, sampler=self.sampler,
+        # Workers start afresh each epoch (persistent_workers=False), so they see the new epoch.
+        self.loader = DataLoader(self.dataset, batch_size=batch_size // world_size, sampler=self.sampler,
                                  num_workers=workers, pin_memory=self.device.type == "cuda", drop_last=True,
-                                 persistent_workers=False, generator=self.generator)
-        self.normaliser, self.seed, self.rank, self.epoch = normaliser, seed, rank, 0
+                                 persistent_workers=False)
+        self.normaliser, self.seed, self.epoch, self.mixup = normaliser, seed, 0, mixup
+        self.batch_size, self.part = batch_size, slice(rank * (batch_size // world_size),
+                                                        (rank + 1) * (batch_size // world_size))
 
     def set_epoch(self, epoch):
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
-        self.generator.manual_seed(derived_seed(self.seed, epoch, 0, self.rank))  # workers' transforms
+        self.epoch = self.dataset.epoch = self.sampler.epoch = epoch
 
     def __len__(self):
         return len(self.loader)
 
     def __iter__(self):
-        generator = seeded_generator(self.device, self.seed, self.epoch, self.rank + 1)
-        for images, labels in self.loader:
+        generator = seeded_generator(self.device, self.seed, self.epoch, 1)  # cutout, drawn per global batch
+        for i, (images, labels) in enumerate(self.loader):
             images = images.to(self.device, non_blocking=True)
-            yield self.normaliser(images, generator), labels.to(self.device, non_blocking=True)
+            yield _mixed(self, i, self.normaliser(images, generator, self.part, self.batch_size),
+                         labels.to(self.device, non_blocking=True))
 
 
 def build_loaders(data, *, augment, batch_size, device, seed=0, loader="auto", workers=4,
                   padding_mode="reflect", dtype=torch.float32, val_split=0.0, label_noise=0.0, subset=0,
-                  eval_batch_size=None, rank=0, world_size=1, channels_last=True):
+                  eval_batch_size=None, rank=0, world_size=1, channels_last=True, autoaugment_policy="official",
+                  cutout_placement="batch", noise_rule="uniform", mixup_alpha=0.0, relabel=None):
     """Returns (train_loader, {"test": loader, "val": loader?}). `batch_size` is the global
-    batch; each of `world_size` replicas gets batch_size / world_size of it."""
+    batch; each of `world_size` replicas gets batch_size / world_size of it. relabel: a function
+    (uint8 images, labels, mean, std) -> labels that replaces the training labels (bootstrapping)."""
     if augment not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
     if loader not in LOADERS:
         raise ValueError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
-    if loader == "device" and augment == "autoaugment":
-        raise ValueError("autoaugment runs in DataLoader workers; use --loader workers (or auto)")
-    splits = make_splits(data, subset, val_split, label_noise, seed)
+    torchvision_aa = augment.startswith("autoaugment") and autoaugment_policy == "torchvision"
+    if loader == "device" and torchvision_aa:
+        raise ValueError("torchvision's AutoAugment runs in DataLoader workers; use --loader workers (or auto)")
+    splits = make_splits(data, subset, val_split, label_noise, seed, noise_rule)
     if len(splits.train_labels) < batch_size:
         raise ValueError(f"batch size {batch_size} is larger than the {len(splits.train_labels)} training "
                          f"images; lower --batch-size or raise --subset")
     mean, std = channel_stats(splits.train_images)
-    common = dict(device=device, seed=seed, padding_mode=padding_mode, rank=rank, world_size=world_size)
-    train_norm = _Normaliser(mean, std, device, dtype, augment == "cutout", channels_last)
-    if loader == "workers" or augment == "autoaugment":
+    if relabel is not None:
+        splits.train_labels = np.asarray(relabel(splits.train_images, splits.train_labels, mean, std), dtype=np.int64)
+    common = dict(device=device, seed=seed, padding_mode=padding_mode, rank=rank, world_size=world_size,
+                  mixup=(mixup_alpha, data.num_classes) if mixup_alpha else None)
+    train_norm = _Normaliser(mean, std, device, dtype, augment.endswith("cutout"), channels_last, cutout_placement)
+    if loader == "workers" or torchvision_aa:
         train = WorkerLoader(splits.train_images, splits.train_labels, batch_size=batch_size, augment=augment,
-                             normaliser=train_norm, workers=workers, **common)
+                             normaliser=train_norm, workers=workers, policy=autoaugment_policy, **common)
     else:
         train = DeviceLoader(splits.train_images, splits.train_labels, batch_size=batch_size, augment=augment,
                              normaliser=train_norm, train=True, **common)

@@ -4,7 +4,6 @@ import torch
 
 from data import DataError, build_loaders, load_cifar
 from data.augment import cutout, pad_images, per_image_transform, random_crop_flip
-from data.loaders import DeviceLoader, _Normaliser
 from data.splits import make_splits, noisy_labels
 
 
@@ -63,6 +62,7 @@ def test_default_data_dir_honours_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert default_data_dir() == tmp_path / "cache" / "sam-cifar"
 
+@pytest.mark.slow
 
 def test_real_pack_counts_and_statistics(cifar_pack):
     from data.augment import channel_stats
@@ -132,6 +132,7 @@ def test_identical_seeds_give_identical_batches(synthetic_cifar):
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
     assert not torch.equal(a[0][0], c[0][0]) and not torch.equal(a[0][0], d[0][0])
 
+@pytest.mark.slow
 
 def test_device_and_worker_paths_agree_in_distribution():
     """Same image, 6000 draws each: both paths reach the same 162 crops x flips (reflect
@@ -157,6 +158,7 @@ def test_device_and_worker_paths_agree_in_distribution():
     chi2 = (((c1 - expected) ** 2 + (c2 - expected) ** 2) / expected).sum().item()
     assert chi2 < 220
 
+@pytest.mark.slow
 
 def test_normalised_batches_are_channels_last_and_standardised(cifar_pack):
     data = load_cifar("cifar10", cifar_pack)
@@ -167,31 +169,41 @@ def test_normalised_batches_are_channels_last_and_standardised(cifar_pack):
     assert x.mean((0, 2, 3)).abs().max() < 0.05 and (x.std((0, 2, 3)) - 1).abs().max() < 0.05
 
 
-def test_device_loader_shards_the_global_batch_across_ranks():
-    images = np.zeros((64, 3, 32, 32), np.uint8)
-    labels = np.arange(64)
-    norm = _Normaliser([0, 0, 0], [1, 1, 1], "cpu", torch.float32, False, False)
-    kw = dict(batch_size=16, device="cpu", normaliser=norm, augment="basic", train=True, seed=3)
-    whole = [y for _, y in DeviceLoader(images, labels, **kw)]
-    ranks = [[y for _, y in DeviceLoader(images, labels, rank=r, world_size=2, **kw)] for r in range(2)]
-    for w, a, b in zip(whole, *ranks):
-        assert len(a) == len(b) == 8 and torch.equal(torch.cat([a, b]), w)
+@pytest.mark.parametrize("augment, loader", [("cutout", "device"), ("basic", "workers"),
+                                             ("autoaugment_cutout", "device"), ("autoaugment", "workers")])
+def test_ranks_take_slices_of_the_single_process_batches_augmentation_included(synthetic_cifar, augment, loader):
+    """Process r of N gets the r-th slice of each global batch, augmented exactly as one process
+    augments those images: N processes are one process split into N groups."""
+    data = load_cifar("cifar10", synthetic_cifar)
+    kw = dict(augment=augment, batch_size=16, device="cpu", seed=3, loader=loader, workers=0, channels_last=False)
+
+    def epoch(rank=0, world_size=1):
+        train, _ = build_loaders(data, rank=rank, world_size=world_size, **kw)
+        train.set_epoch(1)
+        return list(train)
+
+    whole = epoch()
+    ranks = [epoch(r, 4) for r in range(4)]
+    assert len(whole) == 100 // 16
+    for i, (x, y) in enumerate(whole):
+        assert torch.equal(torch.cat([r[i][1] for r in ranks]), y)
+        assert torch.equal(torch.cat([r[i][0] for r in ranks]), x)
 
 
 # ---- paper extras --------------------------------------------------------------------------
 
-def test_label_noise_is_exact_and_never_keeps_the_label():
+def test_label_noise_rule_other_is_exact_and_never_keeps_the_label():
     labels = np.arange(10_000) % 10
-    noisy = noisy_labels(labels, 0.2, 10, seed=0)
+    noisy = noisy_labels(labels, 0.2, 10, seed=0, rule="other")
     changed = noisy != labels
     assert changed.sum() == 2000
-    assert np.array_equal(noisy_labels(labels, 0.2, 10, seed=0), noisy)
+    assert np.array_equal(noisy_labels(labels, 0.2, 10, seed=0, rule="other"), noisy)
     assert sorted(np.unique(noisy[changed])) == list(range(10))
 
 
 def test_splits_noise_only_training_labels(synthetic_cifar):
     data = load_cifar("cifar10", synthetic_cifar)
-    splits = make_splits(data, val_split=0.2, label_noise=0.5, seed=1)
+    splits = make_splits(data, val_split=0.2, label_noise=0.5, seed=1, noise_rule="other")
     assert len(splits.train_labels) == 80 and len(splits.eval_sets["val"][1]) == 20
     assert np.array_equal(splits.eval_sets["test"][1], data.test_labels)
     # validation labels are clean: they equal the original labels of the same images
@@ -209,6 +221,14 @@ def test_validation_split_is_fixed_across_run_seeds(synthetic_cifar):
     assert np.array_equal(a, b)
 
 
+def test_validation_split_is_the_last_images_as_in_the_official_code(synthetic_cifar):
+    """dataset_source.py holds out train[45000:]: with --val-split 0.1 of 50,000, the same images."""
+    data = load_cifar("cifar10", synthetic_cifar)
+    splits = make_splits(data, val_split=0.1)
+    assert np.array_equal(splits.eval_sets["val"][0], data.train_images[90:])
+    assert np.array_equal(splits.train_images, data.train_images[:90])
+
+
 def test_subset_takes_the_first_images(synthetic_cifar):
     data = load_cifar("cifar10", synthetic_cifar)
     splits = make_splits(data, subset=30)
@@ -221,17 +241,32 @@ def test_bad_loader_arguments(synthetic_cifar):
     with pytest.raises(ValueError, match="augmentation"):
         build_loaders(data, augment="mixup", batch_size=8, device="cpu")
     with pytest.raises(ValueError, match="--loader workers"):
-        build_loaders(data, augment="autoaugment", batch_size=8, device="cpu", loader="device")
+        build_loaders(data, augment="autoaugment", batch_size=8, device="cpu", loader="device",
+                      autoaugment_policy="torchvision")
     with pytest.raises(ValueError, match="batch size"):
         build_loaders(data, augment="basic", batch_size=1000, device="cpu")
 
 
-def test_worker_loader_runs_autoaugment(synthetic_cifar):
+@pytest.mark.parametrize("policy", ["official", "torchvision"])
+def test_worker_loader_runs_autoaugment(synthetic_cifar, policy):
     data = load_cifar("cifar10", synthetic_cifar)
-    train, _ = build_loaders(data, augment="autoaugment", batch_size=16, device="cpu", workers=0)
+    train, _ = build_loaders(data, augment="autoaugment_cutout", batch_size=16, device="cpu", workers=0,
+                             loader="workers", autoaugment_policy=policy)
     train.set_epoch(0)
     x, y = next(iter(train))
     assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+
+
+def test_cutout_per_batch_places_one_window_for_the_whole_batch(synthetic_cifar):
+    """The official cutout draws one centre per batch; DeVries & Taylor's one per image."""
+    data = load_cifar("cifar10", synthetic_cifar)
+    for placement, windows in (("batch", range(1, 2)), ("image", range(9, 17))):  # clipped ones may coincide
+        train, _ = build_loaders(data, augment="cutout", batch_size=16, device="cpu", cutout_placement=placement,
+                                 channels_last=False)
+        train.set_epoch(0)
+        x, _ = next(iter(train))
+        zero = (x == 0).all(1)  # normalised zero: the window (the test images have no exact mean pixel)
+        assert len({tuple(z.nonzero().min(0).values.tolist()) for z in zero}) in windows
 
 
 def test_download_uses_torchvisions_official_url_and_md5(tmp_path, monkeypatch):
