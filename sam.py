@@ -12,6 +12,13 @@ with T_w = |w| + eta, applied to every parameter of every param group whose `ada
 is true. Put biases and BatchNorm parameters in a group with adaptive=False to leave them
 unscaled, as the ASAM authors do.
 
+The paper's ablations: p (Appendix C.5, equation 2) maximises over a p-norm ball,
+e = rho * sign(g) |g|^(q-1) / ||g||_q^(q-1) with 1/p + 1/q = 1 (p = 2 above; p = inf gives
+e = rho * sign(g)). second_order=True (Appendix C.4) keeps the term dropped in equation 3:
+the gradient of L(w + e(w)) is (I + de/dw)^T v with v the gradient at w + e, and
+(de/dw)^T v = rho / ||g|| * H (v - g^ (g^ . v)) costs one Hessian-vector product through the
+first pass's graph; that first backward must be `loss.backward(create_graph=True)`.
+
 Mixed precision with fp16 and torch.amp.GradScaler, in this order:
 
     scaler.scale(loss).backward()
@@ -36,73 +43,121 @@ class SAM(torch.optim.Optimizer):
     """SAM around any optimizer class; param_groups (lr, rho, ...) are shared with it."""
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho=0.05, adaptive=False,
-                 eta=0.0, eps=1e-12, **base_kwargs):
+                 eta=0.0, eps=1e-12, p=2, second_order=False, **base_kwargs):
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise TypeError(f"base_optimizer must be an optimizer class such as torch.optim.SGD, "
                             f"got {base_optimizer!r}")
+        if not (isinstance(p, (int, float)) and 1 < p <= float("inf")):
+            raise ValueError(f"p must be a number in (1, inf], got {p!r}")
         super().__init__(params, dict(rho=rho, adaptive=adaptive, eta=eta, **base_kwargs))
         for group in self.param_groups:
             _check_group(group)
-        self.eps = eps
+        if second_order and (p != 2 or any(g["adaptive"] for g in self.param_groups)
+                             or len({g["rho"] for g in self.param_groups}) > 1):
+            raise ValueError("second_order=True supports p=2, adaptive=False and one rho for all groups")
+        self.eps, self.p, self.second_order = eps, p, second_order
+        self.q = 1.0 if p == float("inf") else p / (p - 1)  # the dual exponent
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         self._perturbed = None  # (params, backups) between first_step and second_step
+        self._first = None      # second_order: (params, first-pass gradients with their graph, ||g||)
 
     @torch.no_grad()
-    def first_step(self, zero_grad=False):
-        """Ascend to w + e. Returns the ascent gradient norm as a device tensor (no host sync)."""
-        norms, ascents = [], []
+    def perturbation(self, grads=None, in_place=False):
+        """e = rho T^2 g / ||T g|| for every parameter with a gradient (T = 1, or |w| + eta in ASAM
+        groups), and the norm ||T g|| over all of them; for p != 2, e = rho T sign(Tg) |Tg|^(q-1) /
+        ||Tg||_q^(q-1) and the norm is ||Tg||_q.
+
+        grads: None for the parameters' .grad; or, for m-sharpness, {param: G x param.shape}, the
+        gradients of G groups of examples: each group k gets its own e_k and norm from its own g_k.
+        in_place: scale the gradients themselves into e (when they are discarded next).
+        -> (params, [e per param], norm): norm is a 0-dim tensor, or of shape (G,) for groups."""
+        grouped = grads is not None
+        entries, norms = [], []
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if (p in grads if grouped else p.grad is not None)]
             if not params:
                 continue
-            grads = [p.grad for p in params]
+            g = [grads[p] for p in params] if grouped else [p.grad for p in params]
+            t_w = None
             if group["adaptive"]:
                 t_w = torch._foreach_abs(params)
                 if group["eta"]:
                     torch._foreach_add_(t_w, group["eta"])
-                scaled = torch._foreach_mul(t_w, grads)        # T_w g, whose norm we need
-                norms.extend(torch._foreach_norm(scaled))
-                direction = torch._foreach_mul(scaled, t_w)     # T_w^2 g
-            else:
-                norms.extend(torch._foreach_norm(grads))
-                direction = grads
-            # Scale in place where we own the tensors, or where the gradients are discarded next.
-            ascents.append((group["rho"], params, direction, group["adaptive"] or zero_grad))
-        if not norms:
-            self._perturbed = None
-            return None
+                g = _mul(g, t_w)                       # T_w g, whose norm we need
+            if self.q == 2:                            # T_w^2 g: a new tensor, ours to scale in place
+                direction, own = (_mul(g, t_w), True) if t_w else (g, in_place)
+            else:                                      # sign(Tg) |Tg|^(q-1), times T_w for ASAM
+                direction, own = [x.sign() * x.abs().pow(self.q - 1) for x in g], True
+                direction = _mul(direction, t_w) if t_w else direction
+            norms += [torch.linalg.vector_norm(x.flatten(1), self.q, dim=1) for x in g] if grouped else \
+                torch._foreach_norm(g, self.q)
+            entries.append((group["rho"], params, direction, own))
+        if not entries:
+            return [], [], None
         # Norms of low-precision gradients are summed in float32; float64 models keep float64.
-        device = norms[0].device
         dtype = torch.promote_types(norms[0].dtype, torch.float32)
-        grad_norm = torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in norms]))
-
-        all_params, all_backups = [], []
-        for rho, params, direction, in_place in ascents:
-            backups = [self._backup_buffer(p) for p in params]
-            torch._foreach_copy_(backups, params)
-            # The eps keeps a zero gradient from giving 0/0; then e = 0 and nothing moves.
-            scale = rho / (grad_norm + self.eps)
-            if in_place:
+        norm = torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]), self.q, dim=0)
+        all_params, perturbations = [], []
+        for rho, params, direction, own in entries:
+            scale = rho / (norm ** (self.q - 1) + self.eps)  # eps: a zero gradient gives e = 0, not 0/0
+            if grouped:  # one scale per group, broadcast over each parameter's shape
+                direction = [d * scale.view(-1, *[1] * p.dim()).to(d.dtype) for d, p in zip(direction, params)]
+            elif own:
                 torch._foreach_mul_(direction, scale)
             else:
                 direction = torch._foreach_mul(direction, scale)
-            torch._foreach_add_(params, direction)
             all_params += params
-            all_backups += backups
-        self._perturbed = (all_params, all_backups)
+            perturbations += direction
+        return all_params, perturbations, norm
+
+    @torch.no_grad()
+    def first_step(self, zero_grad=False):
+        """Ascend to w + e. Returns the ascent gradient norm as a device tensor (no host sync)."""
+        if self.second_order:
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            if not any(g.requires_grad for g in grads):
+                raise RuntimeError("second_order=True needs the first backward with create_graph=True")
+        params, perturbations, norm = self.perturbation(in_place=zero_grad and not self.second_order)
+        self._perturbed = None
+        if params:
+            if self.second_order:  # keep g with its graph for the Hessian-vector product
+                self._first = (params, [p.grad for p in params], norm)
+            weights = _weights(params, self.second_order)
+            backups = [self._backup_buffer(p) for p in params]
+            torch._foreach_copy_(backups, weights)
+            torch._foreach_add_(weights, perturbations)
+            self._perturbed = (params, backups)
         if zero_grad:
             self.zero_grad()
-        return grad_norm
+        return norm
+
+    def restore(self):
+        """Put w back exactly (from a copy, not by subtracting e); with second_order, then add the
+        second-order term to the gradients. second_step() calls it; call it yourself to work on
+        the final gradient (clip it, say) before the base step."""
+        with torch.no_grad():
+            if self._perturbed is not None:
+                params, backups = self._perturbed
+                torch._foreach_copy_(_weights(params, self.second_order), backups)
+                self._perturbed = None
+        if self._first is not None:
+            params, first, norm = self._first
+            self._first = None
+            v = [p.grad for p in params]  # the gradient at w + e
+            with torch.no_grad():
+                unit = [g.detach() / norm for g in first]
+                along = sum((a * b).sum() for a, b in zip(unit, v))
+                u = [b - along * a for a, b in zip(unit, v)]
+            hvp = torch.autograd.grad(first, params, grad_outputs=u)  # H u, through the first pass's graph
+            with torch.no_grad():
+                torch._foreach_add_(v, torch._foreach_mul(hvp, self.param_groups[0]["rho"] / norm))
 
     @torch.no_grad()
     def second_step(self, zero_grad=False, scaler=None):
-        """Restore w exactly (from a copy, not by subtracting e) and step the base optimizer."""
-        if self._perturbed is not None:
-            params, backups = self._perturbed
-            torch._foreach_copy_(params, backups)
-            self._perturbed = None
+        """Restore w (see restore()) and step the base optimizer."""
+        self.restore()
         if scaler is None:
             self.base_optimizer.step()
         else:
@@ -144,6 +199,20 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.load_state_dict(state_dict)
         # load_state_dict builds new group dicts; share them again.
         self.param_groups = self.base_optimizer.param_groups
+
+
+def _weights(params, untracked):
+    """The tensors to perturb and restore in place. With second_order, their .data: changing it
+    does not bump autograd's version counter, so the first pass's graph (which saved w) stays
+    usable, and w is back bitwise before the Hessian-vector product reads it."""
+    return [p.data for p in params] if untracked else params
+
+
+def _mul(a, b):
+    """a * b elementwise over two lists; b may lack a's leading group dimension (broadcast)."""
+    if all(x.shape == y.shape for x, y in zip(a, b)):
+        return torch._foreach_mul(a, b)
+    return [x * y for x, y in zip(a, b)]
 
 
 def _check_group(group):

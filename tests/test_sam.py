@@ -328,3 +328,96 @@ def test_bf16_autocast_step_runs_without_a_scaler():
         nn.functional.cross_entropy(model(x), y).backward()
     opt.second_step(zero_grad=True)
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---- the paper's ablations: p-norm ascent (Appendix C.5), second-order term (Appendix C.4) ----
+
+@pytest.mark.parametrize("p, adaptive", [(float("inf"), False), (3.0, False), (1.5, False), (float("inf"), True),
+                                         (4.0, True)])
+def test_p_norm_ascent_matches_the_dual_norm_formula(p, adaptive):
+    """e = rho T sign(Tg)|Tg|^(q-1) / ||Tg||_q^(q-1), 1/p + 1/q = 1 (T = |w| + eta for ASAM), in float64
+    (in float32 the first layer's bias, whose gradient is zero up to round-off under BatchNorm, would
+    get a random sign: p = inf turns round-off into +-rho)."""
+    model = small_model().double()
+    x, y = batch()
+    x = x.double()
+    rho, eta = (0.5, 0.01) if adaptive else (RHO, 0.0)
+    w0 = {k: v.detach().double().clone() for k, v in model.named_parameters()}
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, adaptive=adaptive, eta=eta, p=p, lr=LR)
+    perturbed = sam_two_step(model, opt, x, y)
+
+    g = reference_grads(model, w0, x, y)
+    q = 1.0 if p == float("inf") else p / (p - 1)
+    t = {k: (w0[k].abs() + eta) if adaptive else torch.ones_like(w0[k]) for k in w0}
+    s = {k: t[k] * g[k] for k in g}
+    dual = sum((s[k].abs() ** q).sum() for k in s) ** (1 / q)
+    w_adv = {k: w0[k] + rho * t[k] * s[k].sign() * s[k].abs() ** (q - 1) / dual ** (q - 1) for k in w0}
+    g_adv = reference_grads(model, w_adv, x, y)
+    for k, v in model.named_parameters():
+        torch.testing.assert_close(perturbed[k], w_adv[k], rtol=0, atol=1e-12)
+        torch.testing.assert_close(v.detach(), w0[k] - LR * g_adv[k], rtol=0, atol=1e-12)
+
+
+def test_p_infinity_is_rho_times_the_sign():
+    model = small_model().double()
+    x, y = batch()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, p=float("inf"), lr=LR)
+    nn.functional.cross_entropy(model(x.double()), y).backward()
+    signs = [p.grad.sign() for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.first_step()
+    for b, s, p in zip(before, signs, model.parameters()):
+        torch.testing.assert_close(p.detach() - b, RHO * s, rtol=0, atol=1e-12)
+
+
+def smooth_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def test_second_order_gradient_is_the_full_gradient_of_the_sam_loss():
+    """With second_order=True the base optimizer steps with d/dw L(w + e(w)), e(w) = rho g/||g||,
+    the gradient through e(w) included: checked against autograd of that whole composite in float64
+    (and it differs from the first-order gradient, so the test can tell them apart)."""
+    x, y = batch()
+    x = x.double()
+    model = smooth_model()
+    w0 = [p.detach().clone() for p in model.parameters()]
+
+    def loss_at(weights):
+        names = [n for n, _ in model.named_parameters()]
+        return nn.functional.cross_entropy(functional_call(model, dict(zip(names, weights)), (x,)), y)
+
+    w = [t.clone().requires_grad_(True) for t in w0]
+    g = torch.autograd.grad(loss_at(w), w, create_graph=True)
+    norm = torch.sqrt(sum((t ** 2).sum() for t in g))
+    full = torch.autograd.grad(loss_at([a + RHO * b / norm for a, b in zip(w, g)]), w)
+    first_order = torch.autograd.grad(loss_at([a + RHO * b.detach() / norm.detach() for a, b in zip(w, g)]), w)
+
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, second_order=True)
+    nn.functional.cross_entropy(model(x), y).backward(create_graph=True)
+    opt.first_step(zero_grad=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.restore()
+    for p, want, start in zip(model.parameters(), full, w0):
+        assert torch.equal(p.detach(), start)  # w is back bitwise
+        torch.testing.assert_close(p.grad, want, rtol=1e-10, atol=1e-12)
+    gap = max((a - b).abs().max().item() for a, b in zip(full, first_order))
+    assert gap > 1e-6
+    opt.second_step(zero_grad=True)
+    for p, start, want in zip(model.parameters(), w0, full):
+        torch.testing.assert_close(p.detach(), start - LR * want, rtol=1e-10, atol=1e-12)
+
+
+def test_second_order_needs_the_graph_and_plain_sam():
+    model = smooth_model()
+    x, y = batch()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, second_order=True)
+    nn.functional.cross_entropy(model(x.double()), y).backward()
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        opt.first_step()
+    for kwargs in (dict(p=float("inf")), dict(adaptive=True)):
+        with pytest.raises(ValueError, match="second_order=True supports"):
+            SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, second_order=True, **kwargs)
+    with pytest.raises(ValueError, match="p must be a number in"):
+        SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, p=1.0)

@@ -1,5 +1,6 @@
 """SAM under DistributedDataParallel (gloo, 2 CPU processes): per-replica ascent, shared step."""
 
+import pytest
 import copy
 import socket
 
@@ -64,6 +65,7 @@ def free_port():
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+@pytest.mark.slow
 
 def test_ddp_replicas_ascend_locally_and_step_identically():
     out = mp.Manager().dict()
