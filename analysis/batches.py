@@ -1,0 +1,25 @@
+"""The fixed data that sharpness is measured on: a seeded choice of unaugmented training images of a
+run (its subset, validation split and noisy labels), normalised as in training."""
+
+import numpy as np
+import torch
+
+from data.augment import channel_stats, to_model_input
+from data.splits import make_splits
+
+
+def training_batches(data, config, count, size, seed=0, device="cpu", channels_last=False):
+    """`count` batches of `size` training images and the labels the run trained on (for a
+    bootstrapped run, the noisy labels it started from), the same for every call with `seed`."""
+    splits = make_splits(data, config.get("subset", 0), config.get("val_split", 0.0), config.get("label_noise", 0.0),
+                         config.get("seed", 0), config.get("label_noise_rule", "uniform"))
+    total = min(count * size, len(splits.train_labels) // size * size)
+    if total == 0:
+        raise ValueError(f"the run has {len(splits.train_labels)} training images, fewer than one batch of {size}")
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(splits.train_labels))[:total])
+    mean, std = (torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+                 for v in channel_stats(splits.train_images))
+    images = torch.from_numpy(splits.train_images[chosen]).to(device)
+    labels = torch.from_numpy(splits.train_labels[chosen]).to(device)
+    x = to_model_input(images, mean, std, torch.float32, channels_last=channels_last)
+    return [(x[i:i + size], labels[i:i + size]) for i in range(0, total, size)]

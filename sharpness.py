@@ -1,0 +1,264 @@
+"""Measure the sharpness of trained runs (Foret et al. Sections 4.1, 4.2; Figure 1, Figure 3):
+Hessian eigenvalues and spectral density, m-sharpness, and loss landscapes.
+
+    python sharpness.py runs/NAME --hessian 5 --density          # top-5 eigenvalues, density plot
+    python sharpness.py runs/NAME --m-sharpness 32 --rho 0.05    # m-sharpness at m = 32
+    python sharpness.py runs/NAME --landscape 2d                 # filter-normalised 2-D landscape
+    python sharpness.py --compare runs/SGD runs/SAM --hessian 5 --landscape 1d 2d interp --out figures/
+
+Everything is measured on a fixed, seeded set of unaugmented training images of the run
+(--batches x --batch-size), in float32, with BatchNorm in eval mode (running statistics: the
+function the model computes at test time) or, with --bn train, with each batch's own statistics
+(the running ones untouched). Results go to sharpness.json and PNG plots in the run folder (or
+--out), and, when W&B is on, to the run's own W&B run, resumed by its id: summary values under
+sharpness/ and the plots as images.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from analysis.batches import training_batches
+from analysis.hessian import HessianOperator, spectral_density, top_eigenvalues
+from analysis.landscape import along, filter_normalised_direction, interpolate
+from analysis.m_sharpness import m_sharpness
+from data import DataError, load_cifar
+from data.cifar import RELEASES
+from engine import checkpoint
+from engine.config import SETTINGS, model_options
+from engine.tracker import has_wandb_credentials, wandb_mode
+from models import build_model
+from sam import frozen_bn_stats
+
+
+class InputError(Exception):
+    """Bad input; one line naming the problem and the fix."""
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", nargs="?", help="run folder or checkpoint")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="measure two runs and draw them together")
+    p.add_argument("--hessian", type=int, default=0, metavar="K", help="the K largest Hessian eigenvalues (Lanczos)")
+    p.add_argument("--density", action="store_true", help="the Hessian's spectral density (stochastic Lanczos "
+                                                          "quadrature, Ghorbani et al. 2019)")
+    p.add_argument("--density-runs", type=int, default=5, help="random start vectors for --density")
+    p.add_argument("--density-steps", type=int, default=60, help="Lanczos steps per start vector for --density")
+    p.add_argument("--m-sharpness", type=int, default=0, metavar="M", help="m-sharpness over groups of M images")
+    p.add_argument("--rho", type=float, default=None, help="the ascent radius for --m-sharpness (default: the run's)")
+    p.add_argument("--landscape", nargs="+", choices=("1d", "2d", "interp"), default=[], metavar="KIND",
+                   help="one or more of: 1d, 2d (loss along filter-normalised random directions), interp (along "
+                        "the line between the two --compare runs)")
+    p.add_argument("--points", type=int, default=None, help="grid points per axis (default: 25 for 1-D, 11 for 2-D)")
+    p.add_argument("--span", type=float, default=1.0, help="landscape coordinates run over [-span, span]")
+    p.add_argument("--batches", type=int, default=4, help="fixed training batches to measure on")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--bn", choices=("eval", "train"), default="eval", help="BatchNorm: running (eval) or batch "
+                                                                         "(train) statistics")
+    p.add_argument("--seed", type=int, default=0, help="seed of the images, directions and start vectors")
+    p.add_argument("--data-dir", help="the data folder, if not the run's")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="folder for sharpness.json and the plots (default: the run folder)")
+    p.add_argument("--wandb-mode", choices=("online", "offline", "disabled"), help="default: as the run")
+    args = p.parse_args(argv)
+    runs = args.compare or ([args.run] if args.run else [])
+    if not runs or (args.run and args.compare):
+        raise InputError("give one run folder, or --compare RUN_A RUN_B")
+    if not (args.hessian or args.density or args.m_sharpness or args.landscape):
+        raise InputError("nothing to measure: add --hessian K, --density, --m-sharpness M or --landscape")
+    if "interp" in args.landscape and not args.compare:
+        raise InputError("--landscape interp draws the line between two runs: add --compare RUN_A RUN_B")
+    for name, value, low in (("--hessian", args.hessian, 0), ("--batches", args.batches, 1),
+                             ("--density-runs", args.density_runs, 1), ("--density-steps", args.density_steps, 2),
+                             ("--batch-size", args.batch_size, 1), ("--m-sharpness", args.m_sharpness, 0)):
+        if value < low:
+            raise InputError(f"{name} must be >= {low}, got {value}")
+    if args.m_sharpness and args.batch_size % args.m_sharpness:
+        raise InputError(f"--m-sharpness {args.m_sharpness} must divide --batch-size {args.batch_size}")
+    if args.rho is not None and not 0 < args.rho < 100:
+        raise InputError(f"--rho must be in (0, 100), got {args.rho}")
+    if args.points is not None and not 3 <= args.points <= 201:
+        raise InputError(f"--points must be in [3, 201], got {args.points}")
+    return args, runs
+
+
+class Measured:
+    """One run's model, its fixed batches and its loss, ready to measure."""
+
+    def __init__(self, run, args):
+        path = checkpoint.find(run)
+        try:
+            state = checkpoint.load(path)
+        except ValueError as e:
+            raise InputError(f"{e}; give a run folder or its last.pt") from None
+        self.path, self.dir, self.state = path, path.parent, state
+        self.config = {**{k: s.default for k, s in SETTINGS.items()}, **state["config"]}
+        self.name = self.dir.name
+        device = torch.device(args.device)
+        self.model = build_model(self.config["model"], num_classes=RELEASES[self.config["dataset"]][2],
+                                 **model_options(self.config)).to(device)
+        self.model.load_state_dict(state["model"])
+        self.model.train(args.bn == "train")
+        try:
+            data = load_cifar(self.config["dataset"], args.data_dir or self.config.get("data_dir"))
+            self.batches = training_batches(data, self.config, args.batches, args.batch_size, args.seed, device)
+        except (DataError, ValueError) as e:
+            raise InputError(f"{e}") from None
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def loss(self, batch):
+        x, y = batch
+        with frozen_bn_stats(self.model):  # batch statistics in train mode, running ones untouched
+            return torch.nn.functional.cross_entropy(self.model(x), y)
+
+    def mean_loss(self):
+        with torch.no_grad():
+            return sum(self.loss(b).item() for b in self.batches) / len(self.batches)
+
+
+def measure(m, args):
+    """-> dict of this run's results."""
+    out = {"run": str(m.dir), "epoch": m.state["epoch"], "model": m.config["model"], "loss": m.mean_loss()}
+    hessian = HessianOperator(m.loss, m.params, m.batches)
+    if args.hessian:
+        values = top_eigenvalues(hessian, args.hessian, seed=args.seed)
+        out.update(hessian_eigenvalues=values, lambda_max=values[0])
+        if len(values) >= 5:
+            out["lambda_max_over_lambda_5"] = values[0] / values[4]
+    if args.density:
+        grid, density = spectral_density(hessian, runs=args.density_runs, steps=args.density_steps, seed=args.seed)
+        step = max(1, len(grid) // 400)
+        out["density"] = {"lambda": grid[::step].tolist(), "density": density[::step].tolist()}
+    if args.m_sharpness:
+        rho = args.rho or m.config.get("rho") or 0.05
+        groups = [(x[i:i + args.m_sharpness], y[i:i + args.m_sharpness]) for x, y in m.batches
+                  for i in range(0, len(y), args.m_sharpness)]
+        out["m_sharpness"] = {"m": args.m_sharpness, "rho": rho, "value": m_sharpness(m.loss, m.params, groups, rho)}
+    for kind in ("1d", "2d"):
+        if kind not in args.landscape:
+            continue
+        generator = torch.Generator().manual_seed(args.seed)  # the same directions for every run compared
+        points = args.points or (25 if kind == "1d" else 11)
+        axis = torch.linspace(-args.span, args.span, points).tolist()
+        directions = [filter_normalised_direction(m.params, generator) for _ in range(int(kind[0]))]
+        coordinates = [(a,) for a in axis] if kind == "1d" else [(a, b) for b in axis for a in axis]
+        losses = along(m.mean_loss, m.params, directions, coordinates, desc=f"landscape {kind} {m.name}")
+        out[f"landscape_{kind}"] = {"axis": axis, "loss": losses if kind == "1d" else
+                                    [losses[i * points:(i + 1) * points] for i in range(points)]}
+    return out
+
+
+def plots(results, args, out_dir, interp=None):
+    """The figures of these results (one or two runs): -> list of PNG paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+    names = list(results)
+
+    def save(fig, name):
+        path = out_dir / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    if all("density" in r for r in results.values()):
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for name in names:
+            d = results[name]["density"]
+            ax.semilogy(d["lambda"], [max(v, 1e-12) for v in d["density"]], label=name)
+        ax.set(xlabel="eigenvalue", ylabel="density", title="Hessian spectral density")
+        ax.legend(fontsize=7)
+        save(fig, "hessian_density.png")
+    if "landscape_1d" in results[names[0]]:
+        landscapes = [results[n]["landscape_1d"] for n in names]
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for name, land in zip(names, landscapes):
+            ax.plot(land["axis"], land["loss"], label=name)
+        ax.set(xlabel="alpha (filter-normalised direction)", ylabel="training loss", title="loss landscape, 1-D")
+        ax.legend(fontsize=7)
+        save(fig, "landscape_1d.png")
+    if "landscape_2d" in results[names[0]]:
+        landscapes = [results[n]["landscape_2d"] for n in names]
+        fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
+        top = max(max(max(row) for row in land["loss"]) for land in landscapes)
+        low = min(min(min(row) for row in land["loss"]) for land in landscapes)
+        levels = torch.linspace(low, min(top, low + 10), 21).tolist()  # shared levels, clipped for contrast
+        for ax, name, land in zip(axes[0], names, landscapes):
+            c = ax.contour(land["axis"], land["axis"], land["loss"], levels=levels, cmap="viridis")
+            ax.clabel(c, fontsize=6)
+            ax.set(title=name, xlabel="alpha", ylabel="beta")
+        save(fig, "landscape_2d.png")
+    if interp:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        ax.plot(interp["alpha"], interp["loss"])
+        ax.set(xlabel=f"alpha: (1 - alpha) {names[0]} + alpha {names[1]}", ylabel="training loss",
+               title="linear interpolation")
+        save(fig, "interpolation.png")
+    return written
+
+
+def log_to_wandb(m, results, images, args):
+    mode = args.wandb_mode or wandb_mode(m.config.get("wandb_mode"))
+    if mode == "disabled" or not m.state.get("wandb_id"):
+        return
+    if mode == "online" and not has_wandb_credentials():
+        mode = "offline"
+    import wandb
+    run = wandb.init(project=m.config.get("wandb_project"), entity=m.config.get("wandb_entity"),
+                     id=m.state["wandb_id"], resume="allow", mode=mode, dir=str(m.dir))
+    run.summary.update({f"sharpness/{k}": v for k, v in results.items() if isinstance(v, (int, float))})
+    if "m_sharpness" in results:
+        run.summary["sharpness/m_sharpness"] = results["m_sharpness"]["value"]
+    run.log({f"sharpness/{p.stem}": wandb.Image(str(p)) for p in images})
+    run.finish()
+
+
+def main(argv=None):
+    try:
+        args, runs = parse(argv)
+        measured = [Measured(run, args) for run in runs]
+        out_dir = Path(args.out) if args.out else (measured[0].dir if len(measured) == 1 else None)
+        if out_dir is None:
+            raise InputError("--compare needs --out DIR for the shared figures")
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot write the output folder ({e.strerror}: {e.filename}); choose another --out",
+              file=sys.stderr)
+        return 2
+    results = {m.name: measure(m, args) for m in measured}
+    interp = None
+    if "interp" in args.landscape:
+        a, b = measured
+        alphas = torch.linspace(-0.5, 1.5, args.points or 41).tolist()
+        weights = [[p.detach().clone() for p in m.params] for m in measured]
+        interp = {"alpha": alphas, "loss": interpolate(a.mean_loss, a.params, *weights, alphas, desc="interpolation")}
+    images = plots(results, args, out_dir, interp)
+    document = {"settings": {k: getattr(args, k) for k in ("batches", "batch_size", "bn", "seed", "span")},
+                **(results[measured[0].name] if len(measured) == 1 else {"runs": results}),
+                **({"interpolation": interp} if interp else {})}
+    (out_dir / "sharpness.json").write_text(json.dumps(document, indent=2) + "\n")
+    for m in measured:
+        log_to_wandb(m, results[m.name], images, args)
+    for name, r in results.items():
+        summary = [f"loss {r['loss']:.4f}"]
+        if "hessian_eigenvalues" in r:
+            summary.append("eigenvalues " + ", ".join(f"{v:.4g}" for v in r["hessian_eigenvalues"]))
+        if "lambda_max_over_lambda_5" in r:
+            summary.append(f"lambda_max/lambda_5 {r['lambda_max_over_lambda_5']:.3g}")
+        if "m_sharpness" in r:
+            summary.append(f"m-sharpness {r['m_sharpness']['value']:.4g}")
+        print(f"{name}: " + "; ".join(summary))
+    print(f"written: {out_dir / 'sharpness.json'}" + "".join(f", {p.name}" for p in images))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""analysis/ and sharpness.py against independent references: the exact Hessian, hand
+computations of m-sharpness and of Li et al.'s filter normalisation; the CLI end to end."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+from torch.func import functional_call
+
+import sharpness
+import train
+from analysis.hessian import HessianOperator, power_iteration, spectral_density, top_eigenvalues
+from analysis.landscape import along, filter_normalised_direction
+from analysis.m_sharpness import m_sharpness
+from conftest import write_cifar10
+
+
+def tiny():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()  # 51 parameters
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(10, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (10,), generator=g))
+               for _ in range(2)]
+    return model, batches
+
+
+def exact_hessian(model, batches):
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss(vector):
+        pieces = torch.split(vector, [s.numel() for s in shapes])
+        weights = {n: v.view(s) for n, v, s in zip(names, pieces, shapes)}
+        return sum(nn.functional.cross_entropy(functional_call(model, weights, (x,)), y) for x, y in batches) / 2
+
+    return torch.autograd.functional.hessian(loss, flat)
+
+
+def operator(model, batches):
+    return HessianOperator(lambda b: nn.functional.cross_entropy(model(b[0]), b[1]), model.parameters(), batches)
+
+
+def test_top_eigenvalues_are_the_exact_hessians():
+    model, batches = tiny()
+    want = torch.linalg.eigvalsh(exact_hessian(model, batches)).flip(0)
+    got = top_eigenvalues(operator(model, batches), 6)
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), want[:6], rtol=1e-6, atol=1e-10)
+    assert want[0] > 10 * abs(want[5]) or want[0] != want[5]  # a spectrum with structure, not a constant
+    assert power_iteration(operator(model, batches), iters=200) == pytest.approx(
+        max(want[0].item(), -want[-1].item(), key=abs), rel=1e-4)
+
+
+def test_spectral_density_integrates_to_one_and_sits_on_the_spectrum():
+    model, batches = tiny()
+    exact = torch.linalg.eigvalsh(exact_hessian(model, batches))
+    grid, density = spectral_density(operator(model, batches), runs=3, steps=51)
+    assert torch.trapezoid(density, grid).item() == pytest.approx(1.0, abs=1e-3)
+    mean = torch.trapezoid(density * grid, grid).item()  # the density's mean is the trace / n
+    assert mean == pytest.approx(exact.mean().item(), abs=0.05 * exact.abs().max().item())
+
+
+def test_m_sharpness_is_the_mean_rise_after_each_groups_ascent():
+    model, batches = tiny()
+    rho = 0.1
+    want = []
+    for x, y in batches:  # by hand: the group's gradient, one step of size rho, the rise of its loss
+        w = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+        names = [n for n, _ in model.named_parameters()]
+
+        def loss(weights):
+            return nn.functional.cross_entropy(functional_call(model, dict(zip(names, weights)), (x,)), y)
+
+        g = torch.autograd.grad(loss(w), w)
+        norm = torch.sqrt(sum((t ** 2).sum() for t in g))
+        want.append((loss([a + rho * b / norm for a, b in zip(w, g)]) - loss(w)).item())
+    before = [p.detach().clone() for p in model.parameters()]
+    got = m_sharpness(lambda b: nn.functional.cross_entropy(model(b[0]), b[1]), model.parameters(), batches, rho)
+    assert got == pytest.approx(sum(want) / 2, rel=1e-12)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # weights back exactly
+
+
+def test_filter_normalisation_follows_li_et_al():
+    conv = nn.Conv2d(3, 8, 3)
+    bn = nn.BatchNorm2d(8)
+    params = [conv.weight, conv.bias, bn.weight]
+    d_weight, d_bias, d_bn = filter_normalised_direction(params, torch.Generator().manual_seed(0))
+    for i in range(8):  # each filter of the direction has the norm of the weight's filter
+        assert d_weight[i].norm().item() == pytest.approx(conv.weight[i].norm().item(), rel=1e-6)
+    assert not torch.allclose(d_weight[0] / d_weight[0].norm(), conv.weight[0] / conv.weight[0].norm())
+    assert torch.equal(d_bias, torch.zeros(8)) and torch.equal(d_bn, torch.zeros(8))  # ignore='biasbn'
+
+
+def test_landscape_evaluates_the_grid_and_restores_the_weights():
+    model, batches = tiny()
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    d = [torch.ones_like(p) for p in params]
+    x, y = batches[0]
+    losses = along(lambda: nn.functional.cross_entropy(model(x), y).item(), params, [d], [(0.0,), (0.5,)])
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.5)
+        shifted = nn.functional.cross_entropy(model(x), y).item()
+        for p, b in zip(params, before):
+            p.copy_(b)
+    assert losses == [nn.functional.cross_entropy(model(x), y).item(), shifted]
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharpness")
+    data = write_cifar10(root / "data", per_batch=40)
+    common = ["--model", "wrn10_1", "--batch-size", "32", "--device", "cpu", "--wandb-mode", "offline",
+              "--data-dir", str(data), "--out-dir", str(root / "runs"), "--epochs", "1", "--m-sharpness", "0"]
+    assert train.main([*common, "--name", "sam", "--sharpness-every", "1"]) == 0
+    assert train.main([*common, "--name", "sgd", "--optimizer", "sgd"]) == 0
+    return root
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_writes_json_and_valid_pictures(tiny_runs, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tiny_runs / "runs" / "sam"
+    code = sharpness.main([str(run), "--hessian", "5", "--density", "--density-runs", "2", "--density-steps", "10",
+                           "--m-sharpness", "16", "--landscape", "2d", "--points", "5", "--batches", "2",
+                           "--batch-size", "32"])
+    assert code == 0
+    result = json.loads((run / "sharpness.json").read_text())
+    values = result["hessian_eigenvalues"]
+    assert len(values) == 5 and values == sorted(values, reverse=True)
+    assert result["lambda_max"] == values[0] and result["lambda_max_over_lambda_5"] == values[0] / values[4]
+    assert result["m_sharpness"]["m"] == 16 and result["m_sharpness"]["rho"] == 0.05
+    assert len(result["landscape_2d"]["loss"]) == 5 and len(result["landscape_2d"]["loss"][0]) == 5
+    for name in ("hessian_density.png", "landscape_2d.png"):
+        Image.open(run / name).verify()
+    # the lambda_max that training logged comes from the same kind of measurement
+    logged = [json.loads(line) for line in open(run / "metrics.jsonl") if "sharpness/lambda_max" in line]
+    assert len(logged) == 1 and logged[0]["sharpness/time_s"] > 0
+    # and the results went to the run's own W&B run (offline here), resumed by its id
+    from wandb_records import read_records
+    state = torch.load(run / "last.pt", weights_only=True)
+    offline = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))  # training's, then sharpness.py's
+    assert len(offline) == 2 and all(p.name == f"run-{state['wandb_id']}.wandb" for p in offline)
+    records = read_records(offline[-1])
+    summary = {item.key for r in records if r.WhichOneof("record_type") == "summary" for item in r.summary.update}
+    assert {"sharpness/lambda_max", "sharpness/m_sharpness"} <= summary
+
+
+@pytest.mark.slow
+def test_cli_compares_two_runs_on_one_figure(tiny_runs, tmp_path):
+    runs = tiny_runs / "runs"
+    code = sharpness.main(["--compare", str(runs / "sgd"), str(runs / "sam"), "--landscape", "1d", "interp",
+                           "--points", "5", "--batches", "1", "--batch-size", "32", "--out", str(tmp_path),
+                           "--wandb-mode", "disabled"])
+    assert code == 0
+    result = json.loads((tmp_path / "sharpness.json").read_text())
+    assert set(result["runs"]) == {"sgd", "sam"} and len(result["interpolation"]["loss"]) == 5
+    assert all(len(r["landscape_1d"]["loss"]) == 5 for r in result["runs"].values())
+    for name in ("landscape_1d.png", "interpolation.png"):
+        Image.open(tmp_path / name).verify()
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give one run folder"),
+    (["RUN"], "nothing to measure"),
+    (["RUN", "--landscape", "interp"], "add --compare"),
+    (["RUN", "--hessian", "3", "--m-sharpness", "5"], "must divide --batch-size"),
+    (["nowhere", "--hessian", "3"], "is not a readable train.py checkpoint"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tiny_runs, capsys, args, message):
+    args = [str(tiny_runs / "runs" / "sam") if a == "RUN" else a for a in args]
+    assert sharpness.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
