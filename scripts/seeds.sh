@@ -21,7 +21,7 @@ parse_common "$@"
 set -- "${OPTIONS[@]+"${OPTIONS[@]}"}"
 while [ $# -gt 0 ]; do
     case "$1" in
-        --seeds) SEEDS=$2 ;;
+        --seeds) need_count --seeds "$2"; SEEDS=$2 ;;
     esac
     shift 2
 done

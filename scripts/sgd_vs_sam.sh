@@ -6,25 +6,29 @@ source scripts/lib.sh
 
 usage() {
     cat <<'USAGE'
-usage: scripts/sgd_vs_sam.sh CONFIG [--augment basic|cutout|autoaugment] [--seeds N]
-                             [--gpus 0,1,...] [--out-dir DIR] [--dry-run] [-- TRAIN_FLAGS...]
+usage: scripts/sgd_vs_sam.sh CONFIG [--augment basic|cutout|autoaugment|autoaugment_cutout] [--seeds N]
+                             [--double-sgd yes|no] [--gpus 0,1,...] [--out-dir DIR] [--dry-run] [-- TRAIN_FLAGS...]
 
-Runs CONFIG with --optimizer sgd and --optimizer sam (its rho), seeds 0..N-1 (default 5),
+Runs CONFIG with --optimizer sam (its rho) and --optimizer sgd, seeds 0..N-1 (default 5),
 optionally with another augmentation, one run per GPU at a time, in the W&B group
-table1-<config>-<augment>. Summarise with: python scripts/summarize.py OUT_DIR.
+table1-<config>-<augment>. As in the paper (Section 3.1), SGD also trains for twice the epochs
+(--double-sgd no skips that); summarize.py reports SGD's better length, as the paper did.
+Summarise with: python scripts/summarize.py OUT_DIR.
 Re-running skips finished runs and resumes interrupted ones. Flags after -- go to train.py.
 USAGE
 }
 
 SEEDS=5
 AUGMENT=""
-SCRIPT_OPTIONS="--seeds --augment"
+DOUBLE=yes
+SCRIPT_OPTIONS="--seeds --augment --double-sgd"
 parse_common "$@"
 set -- "${OPTIONS[@]+"${OPTIONS[@]}"}"
 while [ $# -gt 0 ]; do
     case "$1" in
-        --seeds) SEEDS=$2 ;;
-        --augment) AUGMENT=$2 ;;
+        --seeds) need_count --seeds "$2"; SEEDS=$2 ;;
+        --augment) need_choice --augment "$2" basic cutout autoaugment autoaugment_cutout; AUGMENT=$2 ;;
+        --double-sgd) need_choice --double-sgd "$2" yes no; DOUBLE=$2 ;;
     esac
     shift 2
 done
@@ -35,10 +39,18 @@ stem=${stem%_sgd}
 aug_args=()
 [ -z "$AUGMENT" ] || aug_args=(--augment "$AUGMENT")
 label=${AUGMENT:-config}
+epochs=""
+if [ "$DOUBLE" = yes ]; then  # the config's length, with the flags after -- applied
+    epochs=$("$PYTHON" -m engine.config epochs --config "$CONFIG" "${EXTRA[@]+"${EXTRA[@]}"}") || exit 2
+fi
 for ((seed = 0; seed < SEEDS; seed++)); do
     for opt in sgd sam; do
         add_run "$stem-$label-$opt-seed$seed" --config "$CONFIG" --optimizer "$opt" \
             "${aug_args[@]+"${aug_args[@]}"}" --seed "$seed"
     done
+    if [ -n "$epochs" ]; then
+        add_run "$stem-$label-sgd2x-seed$seed" --config "$CONFIG" --optimizer sgd \
+            "${aug_args[@]+"${aug_args[@]}"}" --seed "$seed" --epochs $((2 * epochs))
+    fi
 done
 run_queue "table1-$stem-$label"

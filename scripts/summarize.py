@@ -1,10 +1,16 @@
 """Collect finished runs into a Markdown table in the paper's format: test error (%) as mean
-± 95% confidence interval over seeds (Student t), per dataset / model / augmentation /
-optimizer / rho, and the SGD - SAM difference (Welch interval).
+± 95% confidence interval over seeds (Student t), and the SGD - SAM difference (Welch interval).
+
+Runs are grouped by every setting that changes the result (results.json "settings"; all but
+the seed), so runs of different experiments are never pooled. Within a group each seed counts
+once, and a warning names groups that mix code versions or data. SAM is compared with SGD as
+the paper did (Section 3.1): SGD trained for the same epochs and for twice as many
+(scripts/sgd_vs_sam.sh runs both), and the better of them is the baseline; the table says which.
 
     python scripts/summarize.py runs/                       # results.json files below runs/
     python scripts/summarize.py --wandb-group table1-wrn28-10-basic --wandb-project sam-cifar
     python scripts/summarize.py --wandb-sweep SWEEP_ID --wandb-entity ME
+    python scripts/summarize.py --table4 runs/              # label noise, in the paper's Table 4 layout
 """
 
 import argparse
@@ -14,11 +20,14 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine.config import SAM_ONLY  # noqa: E402
+
 # Two-sided 95% Student t quantiles t_{0.975, df}; beyond the table, the normal value.
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
         2.045, 2.042]
-KEY = ("dataset", "model", "augment", "optimizer", "rho")
+KEY = ("dataset", "model", "augment", "optimizer", "rho")  # the table's own columns
 
 
 def t975(df):
@@ -48,13 +57,30 @@ def welch_diff(a, b):
     return ma - mb, t975(math.floor(df)) * math.sqrt(va + vb)
 
 
+def run_record(result, metric, where):
+    """One run: its settings (all that change the result, seed apart), seed, error, provenance."""
+    settings = dict(result.get("settings") or {k: result.get(k) for k in KEY})
+    settings.pop("seed", None)
+    if settings.get("relabel_from"):  # each seed bootstraps from its own run: the setting is "bootstrapped"
+        settings["relabel_from"] = "bootstrap"
+    return {"settings": settings, "seed": result.get("seed"), "error": 100 * result[f"{metric}_test_error"],
+            "commit": result.get("git_commit"), "data": json.dumps(result.get("dataset_md5"), sort_keys=True),
+            "where": where}
+
+
 def from_folders(folders, metric):
     runs = []
     for folder in folders:
+        if not Path(folder).is_dir():
+            print(f"warning: {folder} is not a folder; skipped", file=sys.stderr)
         for path in sorted(Path(folder).rglob("results.json")):
-            result = json.loads(path.read_text())
+            try:
+                result = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                print(f"warning: {path} is unreadable ({e}); skipped", file=sys.stderr)
+                continue
             if result.get(f"{metric}_test_error") is not None:
-                runs.append(result)
+                runs.append(run_record(result, metric, str(path.parent)))
     return runs
 
 
@@ -64,10 +90,12 @@ def from_wandb(group, sweep, project, entity, metric):
     filters = {"state": "finished", **({"group": group} if group else {}), **({"sweep": sweep} if sweep else {})}
     runs = []
     for run in wandb.Api().runs(path, filters=filters):
-        error = run.summary.get(f"{metric}_test_error")
-        if error is not None:
-            runs.append({**{k: run.config.get(k) for k in KEY}, f"{metric}_test_error": error,
-                         "seed": run.config.get("seed")})
+        summary = dict(run.summary)
+        if summary.get(f"{metric}_test_error") is not None:
+            summary.setdefault("seed", run.config.get("seed"))
+            for k in KEY:
+                summary.setdefault(k, run.config.get(k))
+            runs.append(run_record(summary, metric, run.url))
     return runs
 
 
@@ -75,28 +103,114 @@ def fmt(mean, ci):
     return f"{mean:.2f}" if math.isnan(ci) else f"{mean:.2f} ± {ci:.2f}"
 
 
-def table(runs, metric):
-    groups = defaultdict(list)
+def freeze(settings):
+    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in settings.items()))
+
+
+def group_runs(runs, warn):
+    """-> {frozen settings: [runs, one per seed]}; warns about repeated seeds and mixed provenance."""
+    groups = defaultdict(dict)
     for r in runs:
-        groups[tuple(r[k] for k in KEY)].append(100 * r[f"{metric}_test_error"])
-    order = sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3] != "sgd", k[4]))
-    lines = ["| dataset | model | augmentation | optimizer | rho | seeds | test error (%) |",
-             "|---|---|---|---|---|---|---|"]
-    for key in order:
-        dataset, model, augment, optimizer, rho = key
-        lines.append(f"| {dataset} | {model} | {augment} | {optimizer.upper()} | "
-                     f"{'-' if optimizer == 'sgd' else f'{rho:g}'} | {len(groups[key])} | {fmt(*mean_ci(groups[key]))} |")
-    diffs = []
-    for key in order:
-        if key[3] != "sam":
+        seeds = groups[freeze(r["settings"])]
+        if r["seed"] in seeds:
+            warn(f"seed {r['seed']} appears twice in one experiment ({seeds[r['seed']]['where']} and {r['where']}); "
+                 f"counted once")
             continue
-        sgd = next((v for k, v in groups.items() if k[:3] == key[:3] and k[3] == "sgd"), None)
-        if sgd:
-            diffs.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[4]:g} | {fmt(*welch_diff(sgd, groups[key]))} |")
+        seeds[r["seed"]] = r
+    for key, seeds in groups.items():
+        for what, label in (("commit", "code versions (git commits)"), ("data", "data sets (file checksums)")):
+            if len({r[what] for r in seeds.values()}) > 1:
+                warn(f"runs of one experiment ({describe(dict(key))}) mix {label}: "
+                     f"{', '.join(sorted(r['where'] for r in seeds.values()))}")
+    return {key: list(seeds.values()) for key, seeds in groups.items()}
+
+
+def describe(frozen):
+    return ", ".join(f"{k}={v}" for k, v in frozen.items() if k in KEY)
+
+
+def table(runs, warn=lambda message: print(f"warning: {message}", file=sys.stderr)):
+    groups = group_runs(runs, warn)
+    settings = {key: {k: json.loads(v) for k, v in key} for key in groups}
+    # Settings beyond the table's columns that tell some groups apart get a column of their own.
+    varying = sorted({k for s in settings.values() for k in s if k not in KEY
+                      and len({json.dumps(t.get(k)) for t in settings.values()}) > 1})
+    order = sorted(groups, key=lambda g: (*(str(settings[g].get(k)) for k in KEY[:3]), settings[g].get("optimizer")
+                                          != "sgd", str(settings[g].get("rho")), json.dumps(settings[g])))
+
+    def other(g):
+        return ", ".join(f"{k}={settings[g].get(k)}" for k in varying) or "-"
+
+    lines = ["| dataset | model | augmentation | optimizer | rho | other settings | seeds | test error (%) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for g in order:
+        s, errors = settings[g], [r["error"] for r in groups[g]]
+        rho = "-" if s.get("optimizer") == "sgd" else f"{s.get('rho'):g}"
+        lines.append(f"| {s.get('dataset')} | {s.get('model')} | {s.get('augment')} | {str(s.get('optimizer')).upper()}"
+                     f" | {rho} | {other(g)} | {len(errors)} | {fmt(*mean_ci(errors))} |")
+    def baseline_key(g):  # what a SAM run and its SGD baseline share: all but the optimizer and the length
+        return {k: v for k, v in settings[g].items() if k not in ("optimizer", "epochs", *SAM_ONLY)}
+
+    diffs = []
+    for g in order:
+        if settings[g].get("optimizer") != "sam":
+            continue
+        baselines = [h for h in order if settings[h].get("optimizer") == "sgd" and baseline_key(h) == baseline_key(g)
+                     and settings[h].get("epochs") in (settings[g].get("epochs"), 2 * (settings[g].get("epochs") or 0))]
+        if baselines:  # the better SGD length, as the paper reports it
+            sgd = min(baselines, key=lambda h: mean_ci([r["error"] for r in groups[h]])[0])
+            s = settings[g]
+            diff = welch_diff([r["error"] for r in groups[sgd]], [r["error"] for r in groups[g]])
+            lengths = "/".join(str(settings[h].get("epochs")) for h in baselines)
+            diffs.append(f"| {s.get('dataset')} | {s.get('model')} | {s.get('augment')} | {s.get('rho'):g} | "
+                         f"{other(g)} | {settings[sgd].get('epochs')} (of {lengths}) | "
+                         f"{fmt(*mean_ci([r['error'] for r in groups[sgd]]))} | {fmt(*diff)} |")
     if diffs:
         lines += ["", "SGD error minus SAM error, percentage points (positive: SAM is better; ± is the "
-                      "Welch 95% interval):", "",
-                  "| dataset | model | augmentation | rho | SGD - SAM |", "|---|---|---|---|---|", *diffs]
+                      "Welch 95% interval). The SGD baseline is the better of its lengths, as in the paper:", "",
+                  "| dataset | model | augmentation | rho | other settings | SGD epochs | SGD error (%) | SGD - SAM |",
+                  "|---|---|---|---|---|---|---|---|", *diffs]
+    return "\n".join(lines)
+
+
+# Foret et al. 2021, Table 4: test accuracy (%) on CIFAR-10 with 20/40/60/80% noisy labels, ResNet-32.
+PAPER_TABLE4 = {"SGD": (84.8, 68.8, 48.2, 26.2), "Mixup": (93.0, 90.0, 83.8, 70.2),
+                "Bootstrap + Mixup": (93.3, 92.0, 87.6, 72.0), "SAM": (95.1, 93.4, 90.5, 77.9),
+                "Bootstrap + SAM": (95.4, 94.2, 91.8, 79.9)}
+LEVELS = (0.2, 0.4, 0.6, 0.8)
+
+
+def method_of(settings):
+    base = "SAM" if settings.get("optimizer") == "sam" else ("Mixup" if settings.get("mixup_alpha") else "SGD")
+    return f"Bootstrap + {base}" if settings.get("relabel_from") else base
+
+
+def table4(runs, warn=lambda message: print(f"warning: {message}", file=sys.stderr)):
+    """Test accuracy (%) per method and noise level, mean ± 95% CI over seeds, beside the paper's;
+    the Mixup rows take the best alpha of each level, as the paper reports them."""
+    groups = group_runs(runs, warn)
+    cells = defaultdict(list)  # (method, level) -> [(mean, ci, alpha, seeds)]
+    for key, members in groups.items():
+        settings = {k: json.loads(v) for k, v in key}
+        if settings.get("label_noise") not in LEVELS:
+            continue
+        accuracy = [100 - r["error"] for r in members]
+        cells[method_of(settings), settings["label_noise"]].append(
+            (*mean_ci(accuracy), settings.get("mixup_alpha"), len(members)))
+    lines = ["Test accuracy (%) on CIFAR-10 with noisy training labels (Foret et al. Table 4): ours, mean ± 95% "
+             "interval over seeds (seeds), beside the paper's.", "",
+             "| method | " + " | ".join(f"{int(level * 100)}% noise" for level in LEVELS) + " |",
+             "|---|" + "---|" * len(LEVELS)]
+    for method, paper in PAPER_TABLE4.items():
+        row = []
+        for level, published in zip(LEVELS, paper):
+            if not cells[method, level]:
+                row.append(f"- (paper {published})")
+                continue
+            mean, ci, alpha, seeds = max(cells[method, level], key=lambda c: c[0])
+            best = f", alpha {alpha:g}" if "Mixup" in method else ""
+            row.append(f"{fmt(mean, ci)} ({seeds}{best}; paper {published})")
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -109,6 +223,7 @@ def main(argv=None):
     p.add_argument("--wandb-sweep", help="read the finished runs of this W&B sweep id (wandb agent)")
     p.add_argument("--wandb-project", default="sam-cifar")
     p.add_argument("--wandb-entity")
+    p.add_argument("--table4", action="store_true", help="label-noise runs in the layout of the paper's Table 4")
     args = p.parse_args(argv)
     if not args.folders and not (args.wandb_group or args.wandb_sweep):
         p.error("give result folders, --wandb-group or --wandb-sweep")
@@ -118,7 +233,7 @@ def main(argv=None):
     if not runs:
         print("error: no finished runs found (results.json); check the folders or the W&B group", file=sys.stderr)
         return 2
-    print(table(runs, args.metric))
+    print(table4(runs) if args.table4 else table(runs))
     return 0
 
 

@@ -24,9 +24,9 @@ parse_common "$@"
 set -- "${OPTIONS[@]+"${OPTIONS[@]}"}"
 while [ $# -gt 0 ]; do
     case "$1" in
-        --grid) GRID=$2 ;;
-        --val-split) VAL=$2 ;;
-        --seed) SEED=$2 ;;
+        --grid) need_numbers --grid "$2"; GRID=$2 ;;
+        --val-split) need_number --val-split "$2"; VAL=$2 ;;
+        --seed) need_seed --seed "$2"; SEED=$2 ;;
     esac
     shift 2
 done

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The paper's Table 4: label noise, every cell (Foret et al. Section 3.3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+usage() {
+    cat <<'USAGE'
+usage: scripts/table4.sh [--seeds N] [--levels "0.2 0.4 0.6 0.8"] [--alphas "1 8 16 32"]
+                         [--gpus 0,1,...] [--out-dir DIR] [--dry-run] [-- TRAIN_FLAGS...]
+
+Trains Table 4 of the paper on CIFAR-10 with noisy labels (configs/labelnoise/), seeds 0..N-1
+(default 3), in two stages:
+  1. SGD, Mixup (each alpha of --alphas) and SAM (rho 0.1; 0.05 at 80%) at every level;
+  2. Bootstrap + Mixup and Bootstrap + SAM: each retrains from scratch on the labels its stage-1
+     run (same level, seed and alpha) predicts for the training images (--relabel-from).
+Stage 2 starts when stage 1 is done. One run per GPU at a time; W&B group table4. Re-running
+skips finished runs and resumes interrupted ones. Flags after -- go to train.py.
+Then: python scripts/summarize.py --table4 OUT_DIR prints the table beside the paper's numbers.
+USAGE
+}
+
+FIXED_CONFIG=configs/labelnoise/base.yaml
+SEEDS=3
+LEVELS="0.2 0.4 0.6 0.8"
+ALPHAS="1 8 16 32"
+SCRIPT_OPTIONS="--seeds --levels --alphas"
+parse_common "$@"
+set -- "${OPTIONS[@]+"${OPTIONS[@]}"}"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --seeds) need_count --seeds "$2"; SEEDS=$2 ;;
+        --levels) need_numbers --levels "$2"; LEVELS=$2 ;;
+        --alphas) need_numbers --alphas "$2"; ALPHAS=$2 ;;
+    esac
+    shift 2
+done
+
+sam_config() { if [ "$1" = 0.8 ]; then echo configs/labelnoise/sam_80.yaml; else echo configs/labelnoise/sam.yaml; fi; }
+
+failed=0
+for stage in 1 2; do
+    new_queue
+    for level in $LEVELS; do
+        for ((seed = 0; seed < SEEDS; seed++)); do
+            common=(--label-noise "$level" --seed "$seed")
+            if [ $stage = 1 ]; then
+                add_run "t4-noise$level-sgd-seed$seed" --config configs/labelnoise/sgd.yaml "${common[@]}"
+                add_run "t4-noise$level-sam-seed$seed" --config "$(sam_config "$level")" "${common[@]}"
+                for alpha in $ALPHAS; do
+                    add_run "t4-noise$level-mixup-a$alpha-seed$seed" --config configs/labelnoise/mixup.yaml \
+                        --mixup-alpha "$alpha" "${common[@]}"
+                done
+            else
+                add_run "t4-noise$level-bootstrap-sam-seed$seed" --config "$(sam_config "$level")" "${common[@]}" \
+                    --relabel-from "$OUT_DIR/$(run_name "t4-noise$level-sam-seed$seed")"
+                for alpha in $ALPHAS; do
+                    add_run "t4-noise$level-bootstrap-mixup-a$alpha-seed$seed" --config configs/labelnoise/mixup.yaml \
+                        --mixup-alpha "$alpha" "${common[@]}" \
+                        --relabel-from "$OUT_DIR/$(run_name "t4-noise$level-mixup-a$alpha-seed$seed")"
+                done
+            fi
+        done
+    done
+    [ "$DRY_RUN" = 1 ] || echo "stage $stage of 2"
+    run_queue table4 || failed=1
+done
+exit $failed
