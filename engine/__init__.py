@@ -1,1 +1,1 @@
-"""The pieces train.py is made of: configuration, builders, the step, checkpoints, tracking."""
+"""What train.py is made of: configuration, the step, checkpoints, tracking, torchrun setup."""

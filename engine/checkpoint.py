@@ -1,6 +1,7 @@
 """Checkpoints that are never half-written, and the RNG states a bitwise resume needs."""
 
 import os
+import pickle
 import random
 from pathlib import Path
 
@@ -13,11 +14,15 @@ def atomic_write(path, write):
     any moment leaves either the old file or the new one, never a torn one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or an interrupt: leave no partial file behind to fill it further
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -29,8 +34,30 @@ def save_atomic(state, path):
     atomic_write(path, lambda f: torch.save(state, f))
 
 
+def find(path):
+    """A checkpoint path, or a run folder's last.pt."""
+    path = Path(path)
+    return path / "last.pt" if path.is_dir() else path
+
+
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint written by train.py, or ValueError with a one-line reason."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message here is a page about weights_only; ours is a line
+        raise ValueError(f"{path} is not a readable train.py checkpoint (not a PyTorch file of tensors)") from None
+    except Exception as e:  # a truncated or corrupt archive, an unreadable file
+        reason = "truncated or corrupt" if "zip" in str(e) else type(e).__name__
+        raise ValueError(f"{path} is not a readable train.py checkpoint ({reason})") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "step", "config"} <= set(state):
+        raise ValueError(f"{path} is not a train.py checkpoint (it lacks model/optimizer/epoch/step/config)")
+    return state
+
+
+def is_finite(module):
+    """Every parameter and buffer of `module` is finite (one host sync)."""
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def rng_state():

@@ -1,5 +1,6 @@
 """torchrun support: one process per GPU (or per CPU replica with gloo)."""
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -40,12 +41,27 @@ def all_reduce_sum(tensor, info):
     return tensor
 
 
-def replica_checksums(module, info):
-    """A bitwise checksum of the parameters from every rank. DDP keeps replicas identical;
-    comparing once at the end of a run catches any drift (e.g. a step taken on one rank only)."""
-    bits = [p.detach().flatten().view(torch.int32 if p.element_size() == 4 else torch.int16).to(torch.int64)
-            for p in module.parameters()]
-    local = torch.stack([(b * torch.arange(1, len(b) + 1, device=b.device) % 1_000_003).sum() for b in bits]).sum()
-    gathered = [torch.zeros_like(local) for _ in range(info.world_size)]
-    dist.all_gather(gathered, local)
-    return [int(g) for g in gathered]
+@torch.no_grad()
+def average_buffers(module, info):
+    """Each replica's BatchNorm statistics come from its own images (the paper's per-accelerator
+    BatchNorm); averaging them is what the official eval_step's pmean does. Running statistics
+    are linear in their updates, so averaging once an epoch equals averaging every step."""
+    if not info.enabled:
+        return
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    flat = torch._utils._flatten_dense_tensors(buffers)
+    dist.all_reduce(flat)
+    flat /= info.world_size
+    for b, f in zip(buffers, torch._utils._unflatten_dense_tensors(flat, buffers)):
+        b.copy_(f)
+
+
+def replica_digests(module, info):
+    """SHA-256 of every rank's parameter bytes, gathered on all ranks: equal digests mean the
+    replicas are bitwise identical (DDP keeps them so; a step taken on one rank only would not)."""
+    digest = hashlib.sha256()
+    for p in module.parameters():
+        digest.update(p.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    gathered = [None] * info.world_size
+    dist.all_gather_object(gathered, digest.hexdigest())
+    return gathered

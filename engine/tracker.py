@@ -1,11 +1,16 @@
-"""Every metric goes to the run folder's metrics.jsonl and, unless disabled, to Weights &
-Biases, so nothing depends on the network."""
+"""Every metric goes to the run folder's metrics.jsonl and, unless disabled, to Weights & Biases,
+so nothing depends on the network. Step metrics accumulate on the device in a Window and reach
+the host only when logged."""
 
 import json
 import netrc
 import os
+import secrets
+import time
 from pathlib import Path
 from urllib.parse import urlparse
+
+import torch
 
 from engine.checkpoint import atomic_write
 
@@ -32,23 +37,25 @@ def wandb_mode(flag):
     return "online" if has_wandb_credentials() else "offline"
 
 
+def new_run_id():
+    """Chosen when a run folder is created and kept in its config.yaml, so every process that
+    works on the run (restarts and resumes included) logs to the same W&B run."""
+    return secrets.token_hex(4)
+
+
 class Tracker:
     def __init__(self, run_dir, config, *, mode, project, entity, group, tags, run_id, resumed_step):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.run = None
         if resumed_step is not None:
-            self._truncate_after(resumed_step)  # the resumed run logs those steps again
+            self._truncate_after(resumed_step)  # the resumed process logs those steps again
         if mode != "disabled":
             import wandb
-            self.run = wandb.init(project=project, entity=entity, group=group, tags=tags, config=config,
-                                  name=Path(run_dir).name, id=run_id, resume="allow", mode=mode,
-                                  dir=str(run_dir))
+            self.run = wandb.init(project=project, entity=entity, group=group, tags=tags, name=Path(run_dir).name,
+                                  id=run_id, resume="allow", mode=mode, dir=str(run_dir))
+            self.run.config.update(config, allow_val_change=True)  # a resume may record changed settings
             if mode == "offline":
                 print(f"W&B is offline; upload later with: wandb sync {run_dir}/wandb/offline-run-*")
-
-    @property
-    def run_id(self):
-        return self.run.id if self.run else None
 
     def log(self, metrics, step):
         with open(self.path, "a") as f:
@@ -74,5 +81,35 @@ class Tracker:
     def _truncate_after(self, step):
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):  # a line torn by a kill: after the checkpoint anyway
+                continue
         atomic_write(self.path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+
+
+class Window:
+    """Sums of the step metrics since the last log, kept on the device: loss x images, correct
+    predictions, ascent gradient norm, and how many steps and images went in. `first_bad` is the
+    first step whose loss was not finite (-1 while none)."""
+
+    def __init__(self, device):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.steps = self.images = 0
+        self.start = time.perf_counter()
+
+    def add(self, step, loss, correct, ascent_norm, n):
+        norm = ascent_norm.double() if ascent_norm is not None else torch.zeros((), dtype=torch.float64,
+                                                                                 device=self.sums.device)
+        self.sums += torch.stack([loss.double() * n, correct.double(), norm])
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)
+        self.steps, self.images = self.steps + 1, self.images + n
+
+    def reset(self):
+        self.sums.zero_()
+        self.steps = self.images = 0
+        self.start = time.perf_counter()

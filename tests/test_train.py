@@ -1,10 +1,14 @@
-"""train.py end to end on tiny synthetic CIFAR data, on the CPU."""
+"""train.py end to end on tiny synthetic CIFAR data, on the CPU: logging, resume, bad input."""
 
+import errno
 import glob
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -12,7 +16,7 @@ import yaml
 
 import train
 from conftest import REPO, write_cifar10
-from engine.config import SETTINGS, build_parser, parse_config
+from engine.config import SETTINGS, build_parser, load_yaml, parse_config
 from wandb_records import history_and_config
 
 TINY = ["--model", "wrn10_1", "--dropout", "0.1", "--batch-size", "32", "--eval-batch-size", "16",
@@ -30,10 +34,51 @@ def run_cli(args, env_extra=None):
                           text=True, timeout=300)
 
 
+def start_cli(args, **kwargs):
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env, text=True, **kwargs)
+
+
 def read_jsonl(path):
     return [json.loads(line) for line in open(path)]
 
 
+def wait_for_step(path, step, proc, timeout=120, log=None):
+    """Poll a run's metrics.jsonl until it has logged `step` (the run's own progress)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log else ""
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before step {step}:\n{tail}")
+        if path.exists():
+            steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"step {step} not reached")
+
+
+def one_line_error(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def main_code(argv):
+    try:
+        return train.main(argv)
+    except SystemExit as e:  # argparse's own errors, and stops inside the loop
+        return e.code
+
+
+def files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---- a whole run -----------------------------------------------------------------------------
+
+@pytest.mark.slow
 def test_two_epochs_end_to_end_with_offline_wandb(tiny_data, tmp_path):
     out = tmp_path / "runs"
     result = run_cli([*TINY, "--data-dir", str(tiny_data), "--epochs", "2", "--out-dir", str(out),
@@ -70,78 +115,283 @@ def test_two_epochs_end_to_end_with_offline_wandb(tiny_data, tmp_path):
     assert "batch_size: 32" in result.stdout and "rho: 0.05" in result.stdout
 
 
-def test_killed_and_resumed_run_ends_bitwise_identical(tiny_data, tmp_path):
-    common = [*TINY, "--data-dir", str(tiny_data), "--epochs", "3", "--out-dir", str(tmp_path / "runs"),
-              "--wandb-mode", "offline", "--momentum", "0.9"]
+def test_step_logs_average_over_their_own_steps_when_epochs_do_not_divide_log_every(tiny_data, tmp_path):
+    """6 steps an epoch, a log every 4: each log averages the steps since the previous one, and the
+    last steps of an epoch are logged too. The per-step run (--log-every 1) is the reference."""
+    common = [*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--epochs", "2",
+              "--wandb-mode", "disabled", "--dropout", "0"]
+    assert train.main([*common, "--name", "each", "--log-every", "1"]) == 0
+    assert train.main([*common, "--name", "every4", "--log-every", "4"]) == 0
+    each = {r["step"]: r for r in read_jsonl(tmp_path / "each" / "metrics.jsonl") if "train/step_loss" in r}
+    logs = [r for r in read_jsonl(tmp_path / "every4" / "metrics.jsonl") if "train/step_loss" in r]
+    assert [r["step"] for r in logs] == [4, 6, 8, 12]
+    for (first, last), logged in zip([(1, 4), (5, 6), (7, 8), (9, 12)], logs):
+        window = [each[s] for s in range(first, last + 1)]
+        mean_norm = sum(r["sam/ascent_grad_norm"] for r in window) / len(window)
+        assert logged["sam/ascent_grad_norm"] == pytest.approx(mean_norm, rel=1e-6)
+        assert logged["train/step_loss"] == pytest.approx(sum(r["train/step_loss"] for r in window) / len(window),
+                                                          rel=1e-6)
+
+
+def test_eta_is_the_mean_epoch_time_times_the_epochs_left(tiny_data, tmp_path, monkeypatch):
+    seen = []
+    original = train.epoch_line
+    monkeypatch.setattr(train, "epoch_line", lambda e, n, m, eta: seen.append((m["epoch_time_s"], eta)) or
+                        original(e, n, m, eta))
+    assert train.main([*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--epochs", "4",
+                       "--wandb-mode", "disabled"]) == 0
+    mean = sum(t for t, _ in seen[:3]) / 3
+    # after 3 of 4 epochs: about one epoch left (checkpoints add a little); the elapsed time would be 3x
+    assert 0.5 * mean < seen[2][1] < 2 * mean and seen[3][1] == 0
+
+
+@pytest.mark.slow
+def test_killed_anywhere_and_resumed_run_ends_bitwise_identical(tiny_data, tmp_path):
+    """Two SIGKILLs sent from outside, at times read from the run's own metrics.jsonl (they land
+    mid-step, mid-evaluation or mid-checkpoint), then --resume: the same weights, momentum and
+    metrics as a run never interrupted."""
+    out = tmp_path / "runs"
+    common = [*TINY, "--data-dir", str(tiny_data), "--epochs", "6", "--out-dir", str(out), "--log-every", "1",
+              "--wandb-mode", "offline"]
     whole = run_cli([*common, "--name", "whole"])
     assert whole.returncode == 0, whole.stderr
-    killed = run_cli([*common, "--name", "split"], {"SAM_TEST_KILL_AT_STEP": "9"})  # mid epoch 2
-    assert killed.returncode == -9
-    assert torch.load(tmp_path / "runs/split/last.pt", weights_only=True)["epoch"] == 1
+    for kill_after in (9, 22):
+        log = tmp_path / f"attempt-{kill_after}.log"
+        with open(log, "w") as sink:
+            proc = start_cli([*common, "--name", "split"] + (["--resume"] if kill_after > 9 else []),
+                             stdout=sink, stderr=subprocess.STDOUT)
+        wait_for_step(out / "split" / "metrics.jsonl", kill_after, proc, log=log)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -9
+        assert torch.load(out / "split" / "last.pt", weights_only=True)["epoch"] < 6
     resumed = run_cli([*common, "--name", "split", "--resume"])
     assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout and "from epoch" in resumed.stdout
 
-    a = torch.load(tmp_path / "runs/whole/last.pt", weights_only=True)
-    b = torch.load(tmp_path / "runs/split/last.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"] == 18
+    a = torch.load(out / "whole" / "last.pt", weights_only=True)
+    b = torch.load(out / "split" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 6 and a["step"] == b["step"] == 36
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     for key, state in a["optimizer"]["state"].items():
         assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][key]["momentum_buffer"])
     strip = ("images_per_s", "epoch_time_s", "train_time_s")
-    rows = [[{k: v for k, v in r.items() if k not in strip} for r in read_jsonl(tmp_path / f"runs/{n}/metrics.jsonl")]
+    rows = [[{k: v for k, v in r.items() if k not in strip} for r in read_jsonl(out / n / "metrics.jsonl")]
             for n in ("whole", "split")]
-    assert rows[0] == rows[1]  # no duplicated or missing steps after the resume
-    ids = {p.rsplit("-", 1)[-1] for p in glob.glob(str(tmp_path / "runs/split/wandb/offline-run-*"))}
-    assert ids == {b["wandb_id"]}  # the resumed process continued the same W&B run
+    assert rows[0] == rows[1]  # no duplicated or missing steps after the resumes
+    files = glob.glob(str(out / "split" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert {os.path.basename(f) for f in files} == {f"run-{b['wandb_id']}.wandb"}  # all continued one W&B run
+    assert not list((out / "split").glob("*.tmp"))
 
 
-def test_resume_accepts_a_checkpoint_path(tiny_data, tmp_path):
+# ---- resume: the same experiment, or a change the user asked for -----------------------------
+
+def test_resume_accepts_a_checkpoint_path_or_a_run_folder(tiny_data, tmp_path):
     common = [*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--name", "r", "--wandb-mode",
               "disabled"]
     assert train.main([*common, "--epochs", "1"]) == 0
-    # by path, without --name: the run continues in its own folder
-    others = [a for a in common if a not in ("--name", "r")]
-    assert train.main([*others, "--epochs", "2", "--resume", str(tmp_path / "r" / "last.pt")]) == 0
+    # by path, without --name and without the settings: the run continues in its own folder with its own
+    assert train.main(["--epochs", "2", "--allow-changes", "--resume", str(tmp_path / "r" / "last.pt")]) == 0
     assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["epoch"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "r"]  # no new run folder
-    assert train.main([*others, "--epochs", "3", "--resume", str(tmp_path / "r")]) == 0
+    assert train.main(["--epochs", "3", "--allow-changes", "--resume", str(tmp_path / "r")]) == 0
     assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["epoch"] == 3
 
 
-def one_line_error(capsys):
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("error:")]
-    assert len(errors) == 1, err
-    return errors[0]
+def test_resume_refuses_settings_that_change_the_experiment(tiny_data, tmp_path, capsys):
+    common = [*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--name", "r", "--wandb-mode",
+              "disabled", "--epochs", "2"]
+    assert train.main([*common, "--epochs", "1"]) == 0
+    before = files(tmp_path / "r")
+    capsys.readouterr()
+    assert main_code([*common, "--resume", "--rho", "0.1", "--subset", "64"]) == 2
+    line = one_line_error(capsys)
+    assert "rho 0.05 -> 0.1" in line and "subset 0 -> 64" in line and "epochs 1 -> 2" in line
+    assert "--allow-changes" in line
+    assert files(tmp_path / "r") == before  # config.yaml, metrics, checkpoint: untouched
+    # settings that do not change the experiment are fine
+    assert main_code([*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--name", "r",
+                      "--wandb-mode", "disabled", "--log-every", "3", "--resume"]) == 0
 
 
-def yaml_file(tmp_path, text):
-    path = tmp_path / "bad.yaml"
-    path.write_text(text)
-    return str(path)
+def test_allowed_changes_are_recorded_and_extending_rebuilds_the_schedule(tiny_data, tmp_path, capsys):
+    common = [*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--name", "e", "--wandb-mode",
+              "offline", "--log-every", "1"]
+    assert train.main([*common, "--epochs", "2"]) == 0
+    capsys.readouterr()
+    assert train.main([*common, "--epochs", "4", "--rho", "0.1", "--resume", "--allow-changes"]) == 0
+    err = capsys.readouterr().err
+    assert "step 12 moves from 0 to 0.05" in err  # the 2-epoch schedule ended at 0; the 4-epoch one is at half
+    lrs = {r["step"]: r["lr"] for r in read_jsonl(tmp_path / "e" / "metrics.jsonl") if "lr" in r}
+    for step in (13, 20, 24):  # the closed-form cosine over 24 steps, after each step
+        assert lrs[step] == pytest.approx(0.1 * (1 + torch.cos(torch.tensor(torch.pi * step / 24)).item()) / 2)
+    saved = yaml.safe_load((tmp_path / "e" / "config.yaml").read_text())
+    assert saved["epochs"] == 4 and saved["rho"] == 0.1
+    assert saved["meta"]["changes"] == [{"step": 12, "epoch": 2, "changes": {"epochs": [2, 4], "rho": [0.05, 0.1]}}]
+    results = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert results["changes"] == saved["meta"]["changes"] and results["settings"]["rho"] == 0.1
+    _, config = history_and_config(sorted(glob.glob(str(tmp_path / "e" / "wandb" / "offline-run-*" /
+                                                         "run-*.wandb")))[-1])
+    assert json.loads(config["rho"]) == 0.1
 
+
+def test_resuming_a_finished_run_changes_nothing(tiny_data, tmp_path, capsys):
+    common = [*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--name", "f", "--wandb-mode",
+              "disabled", "--epochs", "1"]
+    assert train.main(common) == 0
+    before = files(tmp_path / "f")
+    capsys.readouterr()
+    assert train.main([*common, "--resume"]) == 0
+    assert "is finished (1 of 1 epochs); nothing to do" in capsys.readouterr().out
+    assert files(tmp_path / "f") == before
+
+
+def test_wall_time_adds_up_over_resumes(tiny_data, tmp_path):
+    common = [*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--name", "w", "--wandb-mode",
+              "disabled"]
+    assert train.main([*common, "--epochs", "1"]) == 0
+    first = torch.load(tmp_path / "w" / "last.pt", weights_only=True)["wall_time"]
+    assert train.main([*common, "--epochs", "2", "--resume", "--allow-changes"]) == 0
+    second_epoch = read_jsonl(tmp_path / "w" / "metrics.jsonl")[-1]["epoch_time_s"]
+    results = json.loads((tmp_path / "w" / "results.json").read_text())
+    assert results["wall_time_s"] >= first + second_epoch > first
+
+
+@pytest.mark.parametrize("how", ["again", "resume"])
+def test_an_attempt_that_died_before_its_first_checkpoint_starts_over_cleanly(tiny_data, tmp_path, capsys, how):
+    common = [*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--name", "d", "--wandb-mode",
+              "offline", "--epochs", "1"]
+    assert train.main(common) == 0
+    for name in ("last.pt", "results.json"):  # as if killed after logging, before the checkpoint
+        (tmp_path / "d" / name).unlink()
+    wandb_id = yaml.safe_load((tmp_path / "d" / "config.yaml").read_text())["meta"]["wandb_id"]
+    capsys.readouterr()
+    assert train.main([*common, *(["--resume"] if how == "resume" else [])]) == 0
+    assert f"resuming {tmp_path / 'd'} from epoch 0, step 0" in capsys.readouterr().out
+    steps = [r["step"] for r in read_jsonl(tmp_path / "d" / "metrics.jsonl")]
+    assert steps == sorted(steps) and steps.count(6) == 2  # one step log and one epoch log at step 6, once
+    # the id is in each run's data file name; folder names get "-1" when two attempts start in the same second
+    files = glob.glob(str(tmp_path / "d" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    ids = {os.path.basename(f)[len("run-"):-len(".wandb")] for f in files}
+    assert len(files) == 2 and ids == {wandb_id}  # no orphan W&B run: both attempts log to the same one
+
+
+def test_a_different_experiment_in_an_unfinished_folder_is_refused(tiny_data, tmp_path, capsys):
+    common = [*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--name", "d", "--wandb-mode",
+              "disabled", "--epochs", "1"]
+    assert train.main(common) == 0
+    (tmp_path / "d" / "last.pt").unlink()
+    capsys.readouterr()
+    assert main_code([*common, "--rho", "0.2"]) == 2
+    assert "different experiment (rho 0.05 -> 0.2)" in one_line_error(capsys)
+
+
+def test_unreadable_or_foreign_checkpoints_are_one_line_errors(tiny_data, tmp_path, capsys):
+    bad = tmp_path / "n.pt"
+    bad.write_text("x\n")
+    assert main_code([*TINY, "--data-dir", str(tiny_data), "--resume", str(bad)]) == 2
+    line = one_line_error(capsys)
+    assert str(bad) in line and "not a readable train.py checkpoint" in line and "weights_only" not in line
+
+    common = [*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--wandb-mode", "disabled",
+              "--epochs", "1"]
+    assert train.main([*common, "--name", "a"]) == 0
+    assert train.main([*common, "--name", "b", "--model", "wrn10_2"]) == 0
+    state = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    state["model"] = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]  # weights of another model
+    torch.save(state, tmp_path / "a" / "last.pt")
+    capsys.readouterr()
+    assert main_code(["--resume", str(tmp_path / "a"), "--epochs", "2", "--allow-changes"]) == 2
+    assert "does not fit this run's model" in one_line_error(capsys)
+
+
+# ---- non-finite values -------------------------------------------------------------------------
+
+def poison(monkeypatch, from_call):
+    import engine.step
+    real_call = engine.step.TrainStep.__call__
+    calls = {"n": 0}
+
+    def poisoned(self, images, labels):
+        calls["n"] += 1
+        loss, correct, norm = real_call(self, images, labels)
+        return (loss * float("nan") if calls["n"] >= from_call else loss), correct, norm
+
+    monkeypatch.setattr(engine.step.TrainStep, "__call__", poisoned)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tiny_data, tmp_path, capsys, monkeypatch):
+    common = [*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--name", "nan",
+              "--wandb-mode", "disabled", "--epochs", "3"]
+    poison(monkeypatch, 9)
+    assert main_code(common) == 1
+    err = capsys.readouterr().err
+    assert "non-finite at step 9" in err and "(epoch 1) is intact" in err
+    assert "--precision fp32" not in err  # the run is fp32 already
+    state = torch.load(tmp_path / "nan" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and not (tmp_path / "nan" / "last.pt.tmp").exists()
+
+
+def test_non_finite_loss_before_any_checkpoint_says_so(tiny_data, tmp_path, capsys, monkeypatch):
+    poison(monkeypatch, 2)
+    assert main_code([*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--name", "nan",
+                      "--wandb-mode", "disabled"]) == 1
+    err = capsys.readouterr().err
+    assert "no epoch was checkpointed" in err and "is intact" not in err
+    assert not (tmp_path / "nan" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("what", ["eval_loss", "bn_stats"])
+def test_a_non_finite_model_is_never_checkpointed(tiny_data, tmp_path, capsys, monkeypatch, what):
+    """The training loss stays finite; evaluation (or a BatchNorm statistic) goes bad in epoch 2."""
+    real_evaluate = train.evaluate
+
+    def evaluate(run):
+        if run.epoch == 1:  # during the second epoch's evaluation
+            if what == "eval_loss":
+                return {**real_evaluate(run), "test/loss": float("nan")}
+            run.training.model.bn.running_var[0] = float("inf")
+        return real_evaluate(run)
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    assert main_code([*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--name", "x",
+                      "--wandb-mode", "disabled", "--epochs", "3"]) == 1
+    assert "not finite after epoch 2" in capsys.readouterr().err
+    state = torch.load(tmp_path / "x" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and torch.isfinite(state["model"]["bn.running_var"]).all()
+
+
+# ---- bad input: one line, exit 2, nothing created ----------------------------------------------
 
 @pytest.mark.parametrize("args, message", [
-    (["--epochs", "0"], "epochs must be > 0"),
-    (["--lr", "-0.1"], "lr must be > 0"),
-    (["--batch-size", "0"], "batch_size must be > 0"),
-    (["--rho", "-0.05"], "rho must be >= 0"),
+    (["--epochs", "0"], "epochs must be in [1, 100000], got 0"),
+    (["--lr", "-0.1"], "lr must be in (0, 10]"),
+    (["--lr", "inf"], "lr must be in (0, 10], got inf"),
+    (["--lr", "nan"], "lr must be in (0, 10], got nan"),
+    (["--weight-decay", "1e9"], "weight_decay must be in"),
+    (["--batch-size", "0"], "batch_size must be in [1"),
+    (["--rho", "-0.05"], "rho must be in [0, 10]"),
+    (["--seed", "-1"], "seed must be in [0, 4294967295], got -1"),
     (["--model", "vgg16"], "unknown model 'vgg16'"),
     (["--dataset", "mnist"], "invalid choice"),
     (["--epochs", "ten"], "invalid int value"),
-    (["--label-noise", "1.5"], "label_noise must be in"),
+    (["--label-noise", "1.5"], "label_noise must be in [0, 1]"),
     (["--batch-size", "4096"], "larger than the 200 training images"),
     (["--config", "missing.yaml"], "not found"),
+    (["--eta", "0.01"], "--eta applies only to ASAM"),
+    (["--optimizer", "sgd", "--rho", "0.1"], "--rho applies only to SAM"),
+    (["--optimizer", "sgd", "--adaptive"], "--adaptive applies only to SAM"),
+    (["--momentum", "0", "--nesterov"], "--nesterov needs momentum > 0"),
+    (["--workers", "8"], "--workers applies only to --loader workers"),
+    (["--augment", "none", "--padding-mode", "constant"], "--padding-mode applies only"),
+    (["--wandb-mode", "disabled", "--wandb-project", "p"], "--wandb-project needs W&B"),
+    (["--allow-changes"], "--allow-changes only applies to --resume"),
+    (["--device", "meta"], "not supported"),
 ])
 def test_bad_input_is_one_line_exit_2_and_creates_nothing(tiny_data, tmp_path, capsys, args, message):
     out = tmp_path / "runs"
     argv = [*TINY, "--data-dir", str(tiny_data), "--out-dir", str(out), "--wandb-mode", "disabled", *args]
-    try:
-        code = train.main(argv)
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    assert code == 2
+    assert main_code(argv) == 2
     assert message in one_line_error(capsys)
     assert not out.exists()
 
@@ -154,16 +404,19 @@ def test_bad_input_is_one_line_exit_2_and_creates_nothing(tiny_data, tmp_path, c
     ("augment: mixup\n", "augment in"),
     ("- a list\n", "mapping"),
     ("lr: [0.1\n", "not valid YAML"),
+    ("base: nowhere.yaml\n", "nowhere.yaml not found"),
+    ("base: bad.yaml\n", "loops back"),
 ])
 def test_bad_config_files(tiny_data, tmp_path, capsys, text, message):
-    code = train.main(["--config", yaml_file(tmp_path, text), "--data-dir", str(tiny_data),
-                       "--out-dir", str(tmp_path / "runs")])
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    code = main_code(["--config", str(path), "--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "runs")])
     assert code == 2 and message in one_line_error(capsys)
     assert not (tmp_path / "runs").exists()
 
 
 def test_missing_data_is_one_line_exit_2(tmp_path, capsys):
-    code = train.main([*TINY, "--data-dir", str(tmp_path / "none"), "--out-dir", str(tmp_path / "runs")])
+    code = main_code([*TINY, "--data-dir", str(tmp_path / "none"), "--out-dir", str(tmp_path / "runs")])
     assert code == 2 and "--download" in one_line_error(capsys)
     assert not (tmp_path / "runs").exists()
 
@@ -172,37 +425,93 @@ def test_existing_run_is_never_overwritten(tiny_data, tmp_path, capsys):
     common = [*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--name", "r", "--epochs", "1",
               "--wandb-mode", "disabled"]
     assert train.main(common) == 0
-    before = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()}
+    before = files(tmp_path / "r")
     capsys.readouterr()
     assert train.main(common) == 2
     assert "--resume" in one_line_error(capsys)
-    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()} == before
+    assert files(tmp_path / "r") == before
 
 
 def test_resume_without_a_checkpoint_is_exit_2(tiny_data, tmp_path, capsys):
-    code = train.main([*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--resume"])
+    code = main_code([*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--resume"])
     assert code == 2 and "no checkpoint" in one_line_error(capsys)
 
 
-def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tiny_data, tmp_path, capsys, monkeypatch):
-    common = [*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--name", "nan",
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_out_dir_is_one_line_exit_2(tiny_data, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert main_code([*TINY, "--data-dir", str(tiny_data), "--out-dir", str(locked / "runs")]) == 2
+        assert "not a writable folder" in one_line_error(capsys)
+    finally:
+        locked.chmod(0o755)
+
+
+def test_out_dir_under_a_file_is_one_line_exit_2(tiny_data, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main_code([*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "file" / "runs")]) == 2
+    assert "not a writable folder" in one_line_error(capsys)
+
+
+def test_a_full_disk_leaves_no_partial_file_and_the_last_checkpoint_intact(tiny_data, tmp_path, capsys,
+                                                                            monkeypatch):
+    common = [*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--name", "full",
               "--wandb-mode", "disabled", "--epochs", "3"]
-    real_call = train.TrainStep.__call__
-    calls = {"n": 0}
+    real_save, saves = torch.save, {"n": 0}
 
-    def poisoned(self, images, labels):
-        calls["n"] += 1
-        loss, correct, norm = real_call(self, images, labels)
-        return (loss * float("nan") if calls["n"] >= 9 else loss), correct, norm
+    def save(obj, f, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 2:  # the second epoch's checkpoint: the disk fills half way through
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(train.TrainStep, "__call__", poisoned)
-    with pytest.raises(SystemExit) as e:
-        train.main(common)
-    assert e.value.code == 1
-    assert "non-finite at step 9" in capsys.readouterr().err
-    state = torch.load(tmp_path / "nan" / "last.pt", weights_only=True)
-    assert state["epoch"] == 1 and not (tmp_path / "nan" / "last.pt.tmp").exists()
+    monkeypatch.setattr(torch, "save", save)
+    assert main_code(common) == 1
+    line = one_line_error(capsys)
+    assert "No space left on device" in line and "(epoch 1) is intact" in line and "--resume" in line
+    assert not (tmp_path / "full" / "last.pt.tmp").exists()
+    assert torch.load(tmp_path / "full" / "last.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(torch, "save", real_save)
+    assert train.main(["--resume", str(tmp_path / "full")]) == 0  # space is back: it continues
 
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_the_run_resumes(tiny_data, tmp_path):
+    out = tmp_path / "runs"
+    common = [*TINY, "--data-dir", str(tiny_data), "--out-dir", str(out), "--name", "c", "--log-every", "1",
+              "--wandb-mode", "disabled", "--epochs", "6"]
+    proc = start_cli(common, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_step(out / "c" / "metrics.jsonl", 8, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted in epoch" in stderr
+    assert f"python train.py --resume {out / 'c'}" in stderr
+    resumed = run_cli(["--resume", str(out / "c")])
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "c" / "results.json").read_text())["epochs"] == 6
+
+
+@pytest.mark.slow
+def test_a_long_cpu_run_says_what_it_would_take(tiny_data, tmp_path):
+    proc = start_cli([*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--epochs", "100000",
+                      "--wandb-mode", "disabled"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "note: on this CPU" in line:
+            break
+    proc.kill()
+    proc.wait()
+    note = "".join(lines)
+    assert re.search(r"the remaining 100000 epochs would take about [0-9.]+ (days|h)\.", note), note
+    assert "smoke test in minutes try: python train.py --config configs/resnet18_sam.yaml" in note
+
+
+# ---- settings ------------------------------------------------------------------------------------
 
 def test_sgd_runs_and_records_no_rho(tiny_data, tmp_path):
     assert train.main([*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--name", "sgd",
@@ -219,38 +528,56 @@ def test_validation_split_is_evaluated(tiny_data, tmp_path):
     assert len(last) == 1 and "best_val_acc" in json.loads((tmp_path / "v" / "results.json").read_text())
 
 
+def test_config_records_the_data_folder_actually_used(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAM_DATA_DIR", str(tiny_data))
+    assert train.main([*TINY, "--out-dir", str(tmp_path), "--name", "env", "--epochs", "1",
+                       "--wandb-mode", "disabled"]) == 0
+    assert yaml.safe_load((tmp_path / "env" / "config.yaml").read_text())["data_dir"] == str(tiny_data)
+
+
 def test_the_seed_command_line_parses_verbatim():
-    config, _ = parse_config("--epochs 200 --lr 0.1 --batch_size 128 --rho 0.05".split())
+    config = parse_config("--epochs 200 --lr 0.1 --batch_size 128 --rho 0.05".split()).config
     assert (config["epochs"], config["lr"], config["batch_size"], config["rho"]) == (200, 0.1, 128, 0.05)
     assert (config["model"], config["dataset"], config["optimizer"], config["augment"]) == \
-        ("wrn28_10", "cifar10", "sam", "basic")
+        ("sam_wrn28_10", "cifar10", "sam", "basic")
 
 
 def test_no_arguments_is_the_papers_headline_run():
-    config, run = parse_config([])
-    assert config["model"] == "wrn28_10" and config["epochs"] == 200 and config["optimizer"] == "sam"
-    assert config["rho"] == 0.05 and config["augment"] == "basic" and run["resume"] is None
+    parsed = parse_config([])
+    config = parsed.config
+    assert config["model"] == "sam_wrn28_10" and config["epochs"] == 200 and config["optimizer"] == "sam"
+    assert config["rho"] == 0.05 and config["augment"] == "basic" and parsed.resume is None
+    assert (config["lr"], config["batch_size"], config["weight_decay"], config["momentum"]) == (0.1, 256, 5e-4, 0.9)
 
 
-def test_every_config_file_is_valid():
-    for path in sorted((REPO / "configs").glob("*.yaml")):
-        config, _ = parse_config(["--config", str(path)])
-        assert config["epochs"] == 200, path
+def test_configs_hold_only_what_differs_from_their_base():
+    """Each key of a config changes something: a value equal to what the base file (or the
+    SETTINGS default) already gives would be a second home for one value."""
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        if path.parent.name == "sweeps":  # W&B sweep definitions, not train.py configs
+            continue
+        text = yaml.safe_load(path.read_text()) or {}
+        base = load_yaml(path.parent / text["base"]) if "base" in text else {}
+        inherited = {k: base.get(k, s.default) for k, s in SETTINGS.items()}
+        for key, value in text.items():
+            if key != "base":
+                assert value != inherited[key], f"{path.name}: {key}: {value!r} repeats what it inherits"
+        assert parse_config(["--config", str(path)]).config["epochs"] == 200, path
 
 
-def test_help_documents_every_flag_with_its_default():
-    text = build_parser().format_help()
-    for name in SETTINGS:
-        assert "--" + name.replace("_", "-") in text
-    assert "--batch_size" in text and "--resume" in text and "(default: 0.05)" in text
+def test_help_names_defaults_bounds_and_sources():
+    text = " ".join(build_parser().format_help().split())
+    assert "--batch_size" in text and "--resume" in text and "--allow-changes" in text
+    assert "in [0, 10] (default: 0.05; Foret et al. 2021 Appendix C.1 (CIFAR-10))" in text
+    assert "(default: 5.0; google-research/sam flax_training.py flag gradient_clipping" in text
+    assert "(default: 0.9; Foret et al. 2021 Appendix C.1)" in text
 
 
 def test_adaptive_flag_scales_weights_but_not_biases():
-    from engine.builders import build_optimizer
-    from models import build_model
-    config, _ = parse_config(["--model", "wrn10_1", "--adaptive", "--rho", "2.0"])
-    model = build_model("wrn10_1")
-    opt = build_optimizer(config, model, torch.device("cpu"))
+    from engine.step import build_training, resolve_runtime
+    config = parse_config(["--model", "wrn10_1", "--adaptive", "--rho", "2.0", "--device", "cpu"]).config
+    training = build_training(config, 10, resolve_runtime(config), total_steps=10)
+    model, opt = training.model, training.optimizer
     by_id = {id(p): n for n, p in model.named_parameters()}
     adaptive = {by_id[id(p)] for g in opt.param_groups if g["adaptive"] for p in g["params"]}
     plain = {by_id[id(p)] for g in opt.param_groups if not g["adaptive"] for p in g["params"]}
@@ -285,6 +612,7 @@ def test_online_without_credentials_is_exit_2_not_a_prompt(tiny_data, tmp_path, 
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_compiled_step_matches_eager(tiny_data, tmp_path):
     """torch.compile (CPU, default mode) through train.py, one SAM step: the same weights as eager
     within 3e-4 (measured: 5e-5 from inductor's reordered float sums; a SAM step differs from an

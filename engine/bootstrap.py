@@ -1,0 +1,48 @@
+"""Bootstrapping (Foret et al. Section 3.3, Table 4, after Jiang et al. 2019): train again, from
+scratch, on the labels that a finished model predicts for the unaugmented training images."""
+
+import numpy as np
+import torch
+
+from data.augment import to_model_input
+from data.cifar import RELEASES
+from engine import checkpoint
+from engine.config import ConfigError, model_options
+from models import build_model
+
+
+def label_predictor(path, config, runtime, batch_size=1000):
+    """A function (uint8 images, their labels, mean, std) -> the labels the model of checkpoint or
+    run folder `path` predicts, and a record of the source that the function completes with the
+    share of labels it changed. ConfigError when the source cannot serve this run."""
+    path = checkpoint.find(path)
+    try:
+        state = checkpoint.load(path)
+    except ValueError as e:
+        raise ConfigError(f"--relabel-from: {e}; pass a finished run's folder or its last.pt") from None
+    source = state["config"]
+    if source.get("dataset") != config["dataset"]:
+        raise ConfigError(f"--relabel-from {path}: that model was trained on {source.get('dataset')}, this run is "
+                          f"on {config['dataset']}; pass a run on the same data set")
+    num_classes = RELEASES[config["dataset"]][2]
+    model = build_model(source["model"], num_classes=num_classes, **model_options(source)).to(runtime.device)
+    model.load_state_dict(state["model"])
+    model.eval()
+    record = {"from": str(path), "source_model": source["model"], "source_epoch": state["epoch"],
+              "source_seed": source.get("seed")}
+
+    @torch.no_grad()
+    def predict(images, given, mean, std):
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=runtime.device).view(1, -1, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32, device=runtime.device).view(1, -1, 1, 1)
+        labels = []
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(images[start:start + batch_size]).to(runtime.device)
+            with runtime.autocast():
+                logits = model(to_model_input(x, mean_t, std_t, torch.float32, channels_last=False))
+            labels.append(logits.argmax(1).cpu())
+        labels = torch.cat(labels).numpy().astype(np.int64)
+        record["changed_labels"] = float((labels != given).mean())
+        return labels
+
+    return predict, record
