@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from benchmarks.record import RESULTS, save
 from data import build_loaders, load_cifar
 
 CASES = [("basic", "device"), ("cutout", "device"), ("basic", "workers"), ("autoaugment", "workers")]
@@ -20,11 +21,13 @@ def main():
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--batches", type=int, default=100)
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--out", default=str(RESULTS), help="folder for the JSON figures")
     args = p.parse_args()
     device = torch.device(args.device)
     data = load_cifar("cifar10", args.data_dir)
     print(f"device {device}, batch {args.batch_size}, {args.batches} batches, {args.workers} workers, "
           f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}")
+    rows = []
     for augment, loader in CASES:
         train, _ = build_loaders(data, augment=augment, batch_size=args.batch_size, device=device, loader=loader,
                                  workers=args.workers)
@@ -39,6 +42,9 @@ def main():
             torch.cuda.synchronize()
         rate = seen / (time.perf_counter() - start)
         print(f"{augment:12s} {loader:8s} loader  {rate:10,.0f} images/s")
+        rows.append({"augment": augment, "loader": loader, "images_per_s": rate})
+    save("loader_throughput", device, {"batch_size": args.batch_size, "batches": args.batches,
+                                       "workers": args.workers, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

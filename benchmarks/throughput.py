@@ -1,14 +1,16 @@
-"""Training-step throughput of train.py's own step (engine.step.TrainStep, built by the same
-builders from the same settings), on synthetic batches already on the device.
+"""Training-step throughput of train.py's own step (engine.step.build_training, the function
+train.py builds it with, from the same settings), on synthetic batches already on the device.
 
     python -m benchmarks.throughput --model wrn28_10 --batch-size 256 --compile reduce-overhead
     python -m benchmarks.throughput --model resnet18 --compare --vs-sgd
 
 Prints ms/step, images/s, projected epoch and 200-epoch times (50,000 images, no evaluation),
-peak memory, achieved TFLOP/s and the share of the device's dense bf16 peak. --compare also
-times a plain fp32, per-parameter-loop SAM step (the common implementation) in this process;
---vs-sgd times the SGD step with the same settings (the ideal SAM/SGD ratio is 2).
-Any train.py flag not listed here may follow and is applied to the config (e.g. --rho 0.1).
+peak memory, achieved TFLOP/s and the share of the device's dense bf16 peak, and writes them to
+benchmarks/results/ as JSON. --compare also times a plain fp32, per-parameter-loop SAM step (the
+common implementation) in this process; --vs-sgd times the SGD step with the same settings (the
+ideal SAM/SGD ratio is 2); --vs-m, with --m-sharpness M, times M = 0 and both m-sharpness
+implementations (vmap, loop). Any train.py flag not listed here may follow and is applied to the
+config (e.g. --rho 0.1).
 """
 
 import argparse
@@ -17,11 +19,10 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.record import RESULTS, save
 from benchmarks.reference_sam import LoopSAM
-from engine import builders
 from engine.config import parse_config
-from engine.distributed import Dist
-from engine.step import TrainStep
+from engine.step import build_training, resolve_runtime
 from models import build_model
 from sam import frozen_bn_stats
 
@@ -59,15 +60,10 @@ def time_steps(step, steps, warmup, device):
     return (time.perf_counter() - start) / steps * 1e3
 
 
-def train_step(config, device, precision, channels_last):
-    """train.py's step, from train.py's builders."""
-    model, net, forward = builders.build_network(config, 10, device, channels_last, Dist())
-    optimizer = builders.build_optimizer(config, model, device)
-    step = TrainStep(forward, net, optimizer, torch.nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"]),
-                     sam=config["optimizer"] == "sam", autocast=builders.autocast_factory(precision, device),
-                     scaler=builders.grad_scaler(precision, device),
-                     cudagraphs=config["compile"] == "reduce-overhead" and device.type == "cuda")
-    images, labels = synthetic_batch(config["batch_size"], device, channels_last)
+def train_step(config, runtime):
+    """train.py's step, built by train.py's own function."""
+    step = build_training(config, 10, runtime, total_steps=10**6).step
+    images, labels = synthetic_batch(config["batch_size"], runtime.device, runtime.channels_last)
     return lambda: step(images, labels)
 
 
@@ -97,50 +93,88 @@ def step_flops(config, device, passes):
 
 
 def report(name, ms, batch_size, flops, peak, device):
+    """Print one row and return its figures."""
     images_s = batch_size * 1e3 / ms
     epoch_s = TRAIN_IMAGES // batch_size * ms / 1e3
     tflops = flops / ms / 1e9
+    row = {"step": name, "ms_per_step": ms, "images_per_s": images_s, "epoch_s": epoch_s,
+           "run_200_epochs_min": 200 * epoch_s / 60, "tflops": tflops,
+           "percent_of_bf16_peak": 100 * tflops / peak if peak else None,
+           "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     line = (f"{name:34s} {ms:9.2f} ms/step {images_s:10,.0f} images/s  epoch {epoch_s:8.1f} s  "
             f"200 epochs {200 * epoch_s / 60:7.1f} min  {tflops:7.2f} TFLOP/s")
     if peak:
-        line += f" ({100 * tflops / peak:.0f}% of bf16 peak)"
+        line += f" ({row['percent_of_bf16_peak']:.0f}% of bf16 peak)"
     if device.type == "cuda":
-        line += f"  peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+        line += f"  peak memory {row['peak_memory_gib']:.1f} GiB"
     print(line, flush=True)
+    return row
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=50, help="timed steps")
+    p.add_argument("--out", default=str(RESULTS), help="folder for the JSON figures")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, cudnn autotune)")
     p.add_argument("--compare", action="store_true", help="also time the fp32 per-parameter-loop SAM step")
     p.add_argument("--vs-sgd", action="store_true", help="also time the SGD step with the same settings")
+    p.add_argument("--vs-m", action="store_true", help="with --m-sharpness M: also time M = 0 and the loop "
+                                                       "implementation")
     args, train_flags = p.parse_known_args(argv)
-    config, _ = parse_config(train_flags)
-    dist_info = Dist()
-    device = builders.resolve_device(config["device"], dist_info.local_rank)
-    precision = builders.resolve_precision(config["precision"], device)
-    channels_last = device.type == "cuda" if config["channels_last"] is None else config["channels_last"]
+    config = parse_config(train_flags).config
+    if args.vs_m and not config["m_sharpness"]:
+        p.error("--vs-m compares against --m-sharpness M: give an M")
+    runtime = resolve_runtime(config)
+    device, precision, channels_last = runtime.device, runtime.precision, runtime.channels_last
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     peak = device_peak(device)
     print(f"{config['model']} batch {config['batch_size']} {config['optimizer']} precision {precision} "
-          f"channels_last {channels_last} compile {config['compile']} on "
+          f"channels_last {channels_last} compile {config['compile']} m_sharpness {config['m_sharpness']} on "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     passes = 2 if config["optimizer"] == "sam" else 1
     flops = step_flops(config, device, passes)
-    ms = time_steps(train_step(config, device, precision, channels_last), args.steps, args.warmup, device)
-    report(f"train.py step ({config['optimizer']})", ms, config["batch_size"], flops, peak, device)
+    rows, ratios = [], {}
+
+    def timed(name, step_config, step_flops_=flops):
+        ms = time_steps(train_step(step_config, runtime), args.steps, args.warmup, device)
+        rows.append(report(name, ms, config["batch_size"], step_flops_, peak, device))
+        return ms
+
+    m = config["m_sharpness"]
+    ms = timed(f"train.py step ({config['optimizer']}" + (f", m {m}, {config['m_sharpness_impl']})" if m else ")"),
+               config)
     if args.vs_sgd and config["optimizer"] == "sam":
-        sgd_ms = time_steps(train_step({**config, "optimizer": "sgd"}, device, precision, channels_last),
-                            args.steps, args.warmup, device)
-        report("train.py step (sgd)", sgd_ms, config["batch_size"], flops / 2, peak, device)
+        sgd_ms = timed("train.py step (sgd" + (f", m {m})" if m else ")"), {**config, "optimizer": "sgd", "rho": 0.0},
+                       flops / 2)
+        ratios["sam_over_sgd"] = ms / sgd_ms
         print(f"SAM / SGD step time: {ms / sgd_ms:.2f}x (ideal 2.00x)")
+    if args.vs_m:
+        other = "loop" if config["m_sharpness_impl"] == "vmap" else "vmap"
+        other_ms = timed(f"train.py step (m {m}, {other})", {**config, "m_sharpness_impl": other})
+        plain_ms = timed("train.py step (m 0)", {**config, "m_sharpness": 0})
+        ratios[f"m{m}_{config['m_sharpness_impl']}_over_m0"] = ms / plain_ms
+        ratios[f"m{m}_{other}_over_m0"] = other_ms / plain_ms
+        print(f"--m-sharpness {m} / M = 0 step time: {config['m_sharpness_impl']} {ms / plain_ms:.2f}x, "
+              f"{other} {other_ms / plain_ms:.2f}x")
     if args.compare:
         ref_ms = time_steps(loop_sam_step(config, device), args.steps, args.warmup, device)
-        report("fp32 per-parameter-loop SAM", ref_ms, config["batch_size"], step_flops(config, device, 2), peak,
-               device)
+        rows.append(report("fp32 per-parameter-loop SAM", ref_ms, config["batch_size"], step_flops(config, device, 2),
+                           peak, device))
+        ratios["speedup_over_fp32_loop_sam"] = ref_ms / ms
         print(f"speed-up over the fp32 loop SAM step: {ref_ms / ms:.2f}x")
+    save("throughput", device, {"config": {k: config[k] for k in ("model", "batch_size", "optimizer", "m_sharpness",
+                                                                  "m_sharpness_impl", "sam_second_order", "compile")},
+                                "precision": precision, "channels_last": channels_last, "steps": args.steps,
+                                "warmup": args.warmup, "rows": rows, "ratios": ratios}, args.out, tag=setup_tag(config))
+
+
+def setup_tag(config):
+    """What tells one throughput setup from another, for the file name."""
+    tag = f"{config['model']}_b{config['batch_size']}_{config['optimizer']}"
+    tag += f"_m{config['m_sharpness']}" if config["m_sharpness"] else ""
+    tag += "_second-order" if config["sam_second_order"] else ""
+    return tag + (f"_{config['compile']}" if config["compile"] != "off" else "")
 
 
 if __name__ == "__main__":
