@@ -16,6 +16,7 @@ sharpness/ and the plots as images.
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -161,7 +162,8 @@ def plots(results, args, out_dir, interp=None):
 
     def save(fig, name):
         path = out_dir / name
-        fig.tight_layout()
+        if fig.get_layout_engine() is None:
+            fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
@@ -184,14 +186,15 @@ def plots(results, args, out_dir, interp=None):
         save(fig, "landscape_1d.png")
     if "landscape_2d" in results[names[0]]:
         landscapes = [results[n]["landscape_2d"] for n in names]
-        fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
+        fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names) + 1, 3.8), squeeze=False,
+                                 layout="constrained")
         top = max(max(max(row) for row in land["loss"]) for land in landscapes)
-        low = min(min(min(row) for row in land["loss"]) for land in landscapes)
+        low = math.floor(10 * min(min(min(row) for row in land["loss"]) for land in landscapes)) / 10
         levels = torch.linspace(low, min(top, low + 10), 21).tolist()  # shared levels, clipped for contrast
         for ax, name, land in zip(axes[0], names, landscapes):
             c = ax.contour(land["axis"], land["axis"], land["loss"], levels=levels, cmap="viridis")
-            ax.clabel(c, fontsize=6)
             ax.set(title=name, xlabel="alpha", ylabel="beta")
+        fig.colorbar(c, ax=list(axes[0]), label="training loss")
         save(fig, "landscape_2d.png")
     if interp:
         fig, ax = plt.subplots(figsize=(6, 3.6))

@@ -562,7 +562,8 @@ def test_configs_hold_only_what_differs_from_their_base():
         for key, value in text.items():
             if key != "base":
                 assert value != inherited[key], f"{path.name}: {key}: {value!r} repeats what it inherits"
-        assert parse_config(["--config", str(path)]).config["epochs"] == 200, path
+        if path.parent.name != "sharpness":  # the paper's configs train 200 epochs; sharpness/ is a CPU demo
+            assert parse_config(["--config", str(path)]).config["epochs"] == 200, path
 
 
 def test_help_names_defaults_bounds_and_sources():
