@@ -26,22 +26,32 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNet18(nn.Module):
-    def __init__(self, num_classes=10):
+class _CifarResNet(nn.Module):
+    """A 3x3 conv-BN-ReLU stem at the first stage's width, then `per_stage` blocks per
+    (width, stride) stage (the stride on each stage's first block), global pooling, a linear layer."""
+
+    def __init__(self, block, stages, per_stage, num_classes):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        layers, in_channels = [], 64
-        for out_channels, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            layers += [BasicBlock(in_channels, out_channels, stride), BasicBlock(out_channels, out_channels, 1)]
-            in_channels = out_channels
+        channels = stages[0][0]
+        self.conv1 = nn.Conv2d(3, channels, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        layers = []
+        for width, stride in stages:
+            for i in range(per_stage):
+                layers.append(block(channels, width, stride if i == 0 else 1))
+                channels = width
         self.blocks = nn.Sequential(*layers)
-        self.fc = nn.Linear(512, num_classes)
+        self.fc = nn.Linear(channels, num_classes)
         init_weights(self)
 
     def forward(self, x):
         out = self.blocks(F.relu(self.bn1(self.conv1(x))))
         return classify(self.fc, out)
+
+
+class ResNet18(_CifarResNet):
+    def __init__(self, num_classes=10):
+        super().__init__(BasicBlock, ((64, 1), (128, 2), (256, 2), (512, 2)), 2, num_classes)
 
 
 class _OptionABlock(nn.Module):
@@ -64,26 +74,12 @@ class _OptionABlock(nn.Module):
         return F.relu(out + shortcut)
 
 
-class ResNet32(nn.Module):
+class ResNet32(_CifarResNet):
     """ResNet-32 for CIFAR (He et al., CVPR 2016, Section 4.2): a 3x3 stem of 16 channels, three
     stages of 5 blocks with 16/32/64 channels, option-A shortcuts. 464,154 parameters for 10 classes."""
 
     def __init__(self, num_classes=10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        layers, channels = [], 16
-        for width, stride in ((16, 1), (32, 2), (64, 2)):
-            for i in range(5):
-                layers.append(_OptionABlock(channels, width, stride if i == 0 else 1))
-                channels = width
-        self.blocks = nn.Sequential(*layers)
-        self.fc = nn.Linear(64, num_classes)
-        init_weights(self)
-
-    def forward(self, x):
-        out = self.blocks(F.relu(self.bn1(self.conv1(x))))
-        return classify(self.fc, out)
+        super().__init__(_OptionABlock, ((16, 1), (32, 2), (64, 2)), 5, num_classes)
 
 
 class _JiangBlock(nn.Module):
