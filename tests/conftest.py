@@ -30,6 +30,20 @@ def write_cifar10(root, per_batch=20, seed=0):
     return Path(root)
 
 
+def without_wandb_service(env):
+    """wandb.init exports WANDB_SERVICE, and a train.py started from a process that has it shares
+    that process's W&B service, which keeps holding the run id of a child killed with SIGKILL (the
+    resumed child then fails: "run ID ... is in use"). Children get their own service, as from a shell."""
+    return {k: v for k, v in env.items() if k != "WANDB_SERVICE"}
+
+
+@pytest.fixture(autouse=True)
+def own_wandb_service_per_test():
+    os.environ.pop("WANDB_SERVICE", None)
+    yield
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 @pytest.fixture
 def synthetic_cifar(tmp_path):
     return write_cifar10(tmp_path / "data")

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import train
-from conftest import REPO, write_cifar10
+from conftest import REPO, without_wandb_service, write_cifar10
 from engine.config import SETTINGS, build_parser, load_yaml, parse_config
 from wandb_records import history_and_config
 
@@ -29,13 +29,13 @@ def tiny_data(tmp_path):
 
 
 def run_cli(args, env_extra=None):
-    env = {**os.environ, "WANDB_SILENT": "true", **(env_extra or {})}
+    env = {**without_wandb_service(os.environ), "WANDB_SILENT": "true", **(env_extra or {})}
     return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
 
 
 def start_cli(args, **kwargs):
-    env = {**os.environ, "WANDB_SILENT": "true"}
+    env = {**without_wandb_service(os.environ), "WANDB_SILENT": "true"}
     return subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env, text=True, **kwargs)
 
 
