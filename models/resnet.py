@@ -1,6 +1,9 @@
-"""ResNet-18 (He et al., CVPR 2016) in its CIFAR form: 3x3 stride-1 stem without max-pool,
-four stages of 64/128/256/512 channels with two post-activation basic blocks each.
-11,173,962 parameters for 10 classes."""
+"""CIFAR ResNets. ResNet-18 (He et al., CVPR 2016) in its CIFAR form: 3x3 stride-1 stem without
+max-pool, four stages of 64/128/256/512 channels with two post-activation basic blocks each,
+11,173,962 parameters for 10 classes. ResNet-32 (He et al.'s own CIFAR network) and the wider
+ResNet-32 of Jiang et al. 2019, for the paper's label-noise experiment (Table 4)."""
+
+from functools import partial
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -9,7 +12,10 @@ from models.init import classify, init_weights
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_channels, out_channels, stride):
+    """conv-BN-ReLU-conv-BN plus the shortcut, then ReLU. Where the shape changes the shortcut is a
+    strided 1x1 convolution with BatchNorm, or, with zero_pad, He et al.'s parameter-free option A."""
+
+    def __init__(self, in_channels, out_channels, stride, zero_pad=False):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
@@ -17,8 +23,8 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.shortcut = nn.Identity()
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                                          nn.BatchNorm2d(out_channels))
+            self.shortcut = _ZeroPadShortcut(stride, out_channels - in_channels) if zero_pad else nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -54,24 +60,16 @@ class ResNet18(_CifarResNet):
         super().__init__(BasicBlock, ((64, 1), (128, 2), (256, 2), (512, 2)), 2, num_classes)
 
 
-class _OptionABlock(nn.Module):
-    """He et al. 2016's CIFAR block: conv-BN-ReLU-conv-BN, plus a parameter-free shortcut that
-    subsamples by the stride and zero-pads the new channels (their option A), then ReLU."""
+class _ZeroPadShortcut(nn.Module):
+    """Option A (He et al. 2016): subsample by the stride and zero-pad the new channels."""
 
-    def __init__(self, in_channels, out_channels, stride):
+    def __init__(self, stride, extra_channels):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.stride, self.extra = stride, out_channels - in_channels
+        self.stride, self.extra = stride, extra_channels
 
     def forward(self, x):
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
         shortcut = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
-        if self.extra:
-            shortcut = F.pad(shortcut, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
-        return F.relu(out + shortcut)
+        return F.pad(shortcut, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2)) if self.extra else shortcut
 
 
 class ResNet32(_CifarResNet):
@@ -79,7 +77,7 @@ class ResNet32(_CifarResNet):
     stages of 5 blocks with 16/32/64 channels, option-A shortcuts. 464,154 parameters for 10 classes."""
 
     def __init__(self, num_classes=10):
-        super().__init__(_OptionABlock, ((16, 1), (32, 2), (64, 2)), 5, num_classes)
+        super().__init__(partial(BasicBlock, zero_pad=True), ((16, 1), (32, 2), (64, 2)), 5, num_classes)
 
 
 class _JiangBlock(nn.Module):
