@@ -27,11 +27,8 @@ from analysis.hessian import HessianOperator, spectral_density, top_eigenvalues
 from analysis.landscape import along, filter_normalised_direction, interpolate
 from analysis.m_sharpness import m_sharpness
 from data import DataError, load_cifar
-from data.cifar import RELEASES
 from engine import checkpoint
-from engine.config import SETTINGS, model_options
 from engine.tracker import has_wandb_credentials, wandb_mode
-from models import build_model
 from sam import frozen_bn_stats
 
 
@@ -90,18 +87,12 @@ class Measured:
     """One run's model, its fixed batches and its loss, ready to measure."""
 
     def __init__(self, run, args):
-        path = checkpoint.find(run)
+        device = torch.device(args.device)
         try:
-            state = checkpoint.load(path)
+            self.model, self.state, self.path, self.config = checkpoint.load_model(run, device)
         except ValueError as e:
             raise InputError(f"{e}; give a run folder or its last.pt") from None
-        self.path, self.dir, self.state = path, path.parent, state
-        self.config = {**{k: s.default for k, s in SETTINGS.items()}, **state["config"]}
-        self.name = self.dir.name
-        device = torch.device(args.device)
-        self.model = build_model(self.config["model"], num_classes=RELEASES[self.config["dataset"]][2],
-                                 **model_options(self.config)).to(device)
-        self.model.load_state_dict(state["model"])
+        self.dir, self.name = self.path.parent, self.path.parent.name
         self.model.train(args.bn == "train")
         try:
             data = load_cifar(self.config["dataset"], args.data_dir or self.config.get("data_dir"))

@@ -5,28 +5,21 @@ import numpy as np
 import torch
 
 from data.augment import to_model_input
-from data.cifar import RELEASES
 from engine import checkpoint
-from engine.config import ConfigError, model_options
-from models import build_model
+from engine.config import ConfigError
 
 
 def label_predictor(path, config, runtime, batch_size=1000):
     """A function (uint8 images, their labels, mean, std) -> the labels the model of checkpoint or
     run folder `path` predicts, and a record of the source that the function completes with the
     share of labels it changed. ConfigError when the source cannot serve this run."""
-    path = checkpoint.find(path)
     try:
-        state = checkpoint.load(path)
+        model, state, path, source = checkpoint.load_model(path, runtime.device)
     except ValueError as e:
         raise ConfigError(f"--relabel-from: {e}; pass a finished run's folder or its last.pt") from None
-    source = state["config"]
-    if source.get("dataset") != config["dataset"]:
-        raise ConfigError(f"--relabel-from {path}: that model was trained on {source.get('dataset')}, this run is "
+    if source["dataset"] != config["dataset"]:
+        raise ConfigError(f"--relabel-from {path}: that model was trained on {source['dataset']}, this run is "
                           f"on {config['dataset']}; pass a run on the same data set")
-    num_classes = RELEASES[config["dataset"]][2]
-    model = build_model(source["model"], num_classes=num_classes, **model_options(source)).to(runtime.device)
-    model.load_state_dict(state["model"])
     model.eval()
     record = {"from": str(path), "source_model": source["model"], "source_epoch": state["epoch"],
               "source_seed": source.get("seed")}

@@ -8,6 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.cifar import RELEASES
+from engine.config import defaults, model_options
+from models import build_model
+
 
 def atomic_write(path, write):
     """Call write(f) on a temporary binary file, fsync, then rename it over `path`: a crash at
@@ -52,6 +56,18 @@ def load(path):
     if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "step", "config"} <= set(state):
         raise ValueError(f"{path} is not a train.py checkpoint (it lacks model/optimizer/epoch/step/config)")
     return state
+
+
+def load_model(path, device):
+    """The trained model of a checkpoint or run folder, on `device`, in train mode -> (model, state,
+    checkpoint path, config): the run's settings, completed with the defaults of settings newer
+    than the run. ValueError with a one-line reason when the file is not a train.py checkpoint."""
+    path = find(path)
+    state = load(path)
+    config = {**defaults(), **state["config"]}
+    model = build_model(config["model"], num_classes=RELEASES[config["dataset"]][2], **model_options(config))
+    model.to(device).load_state_dict(state["model"])
+    return model, state, path, config
 
 
 def is_finite(module):

@@ -17,6 +17,8 @@ import yaml
 from data.augment import AUGMENTATIONS, AUTOAUGMENT_POLICIES, CUTOUT_PLACEMENTS, PADDING_MODES
 from data.cifar import RELEASES
 from data.loaders import LOADERS
+from data.splits import NOISE_RULES
+from engine.groups import IMPLEMENTATIONS as GROUP_IMPLEMENTATIONS
 from models import model_spec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -44,7 +46,7 @@ S = Setting
 SETTINGS = {
     # what is trained
     "model": S(str, "sam_wrn28_10", "sam_wrn<d>_<k> (the SAM authors' WideResNet), wrn<d>_<k> (Zagoruyko & "
-                                    "Komodakis', as in davda54/sam) or resnet18", f"{PAPER} Table 1 (WRN-28-10); "
+                                    "Komodakis', as in davda54/sam), resnet18, resnet32 or resnet32_jiang (Table 4)", f"{PAPER} Table 1 (WRN-28-10); "
                                     f"{OFFICIAL} sam_jax/models/wide_resnet.py"),
     "dropout": S(float, 0.0, "dropout inside wrn<d>_<k> blocks", f"{OFFICIAL} wide_resnet.py has none",
                  bounds="[0, 1)"),
@@ -96,7 +98,7 @@ SETTINGS = {
                      "batch; 0: the whole per-process batch", f"{PAPER} Section 4.1; the paper's CIFAR runs had "
                      "m = 32 (batch 256 over 8 accelerators)", bounds="[0, 1000000]"),
     "m_sharpness_impl": S(str, "vmap", "how the groups run: vmap (batched by torch.func) or loop (one after "
-                          "another, the reference); same result", choices=("vmap", "loop"), experiment=False),
+                          "another, the reference); same result", choices=GROUP_IMPLEMENTATIONS, experiment=False),
     "label_smoothing": S(float, 0.0, "label smoothing of the cross-entropy loss",
                          f"{OFFICIAL} flax_training.py flag label_smoothing", bounds="[0, 1)"),
     "seed": S(int, 0, "seed for initialisation, data order and augmentation", bounds="[0, 4294967295]"),
@@ -112,7 +114,7 @@ SETTINGS = {
     "label_noise_rule": S(str, "uniform", "uniform: a label is redrawn over all classes with probability p (it "
                           "may keep its class; p(K-1)/K end up wrong); other: exactly p of the labels move to another "
                           "class", "Jiang et al. 2019 (via MentorNet 2018 and Zhang et al. 2017), which Table 4 "
-                          "follows", choices=("uniform", "other")),
+                          "follows", choices=NOISE_RULES),
     "mixup_alpha": S(float, 0.0, "mixup (Zhang et al. 2017): one Beta(alpha, alpha) weight per batch, each image "
                      "mixed with the batch reversed; 0: off", f"{OFFICIAL} sam_jax/datasets/augmentation.py mixup; "
                      "Table 4 tries alpha in {1, 8, 16, 32}", bounds="[0, 100]"),
@@ -238,14 +240,18 @@ class Parsed:
     flags: frozenset = frozenset()  # settings set by flags
 
 
+def defaults():
+    """Every setting at its default: the base under YAML and flags, and what completes the saved
+    settings of a run older than a setting."""
+    return {key: spec.default for key, spec in SETTINGS.items()}
+
+
 def parse_config(argv=None):
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config", None)
     resume, allow_changes = args.pop("resume", None), args.pop("allow_changes", False)
     from_yaml = load_yaml(config_file or DEFAULT_CONFIG)
-    config = {key: spec.default for key, spec in SETTINGS.items()}
-    config.update(from_yaml)
-    config.update(args)
+    config = {**defaults(), **from_yaml, **args}
     # On resume, only what the user wrote counts as a request to change the run.
     given = {**(from_yaml if config_file or not resume else {}), **args}
     validate(config, flags=frozenset(args))
