@@ -32,7 +32,7 @@ from data import DataError, build_loaders, load_cifar
 from data.cifar import resolve_data_dir
 from engine import checkpoint
 from engine.bootstrap import label_predictor
-from engine.config import (EXPERIMENT, SETTINGS, ConfigError, default_name, loader_kind, m_sharpness_error,
+from engine.config import (EXPERIMENT, SETTINGS, ConfigError, default_name, defaults, loader_kind, m_sharpness_error,
                            parse_config, validate)
 from engine.distributed import Dist, all_reduce_sum, average_buffers, init_distributed, replica_digests
 from engine.step import Runtime, Training, build_training, group_count, resolve_runtime
@@ -63,6 +63,7 @@ class Run:
     restarted: bool = False         # an earlier attempt stopped before its first checkpoint
     relabelled: dict = None         # bootstrap: where the training labels came from
     sharpness_batch: tuple = None   # --sharpness-every: the fixed batch lambda_max is measured on
+    meta: dict = None               # run_metadata() as this process started: code, versions, data
 
 
 def main(argv=None):
@@ -147,9 +148,8 @@ def resolve_run(parsed):
         run_dir = Path(config["out_dir"]) / (config["name"] or default_name(config))
         path = run_dir / "last.pt"
     else:
-        path = Path(parsed.resume)
-        run_dir = path if path.is_dir() else path.parent
-        path = path / "last.pt" if path.is_dir() else path
+        path = checkpoint.find(parsed.resume)
+        run_dir = path.parent
     earlier = read_run_config(run_dir)
     if parsed.resume is None:
         if path.exists():
@@ -170,7 +170,7 @@ def resolve_run(parsed):
         state, saved = None, earlier["config"]
     else:
         raise ConfigError(f"--resume: no checkpoint at {path}; check --out-dir/--name or pass the checkpoint path")
-    config = {**{k: s.default for k, s in SETTINGS.items()}, **{k: v for k, v in saved.items() if k in SETTINGS},
+    config = {**defaults(), **{k: v for k, v in saved.items() if k in SETTINGS},
               **parsed.given, "out_dir": str(run_dir.parent), "name": run_dir.name}
     validate(config, parsed.flags)
     changes = experiment_changes(saved, config)
@@ -272,7 +272,7 @@ def train(run):
     try:
         for epoch in range(first, config["epochs"]):
             epoch_start = time.perf_counter()
-            metrics = train_epoch(run, epoch, tracker)          # SAM's two passes: run.training.step
+            metrics = train_epoch(run, epoch, tracker, epoch == first)  # SAM's two passes: run.training.step
             train_time = time.perf_counter() - epoch_start
             metrics.update(evaluate(run))                       # test (and val) loss and accuracy
             if config["sharpness_every"] and (epoch + 1) % config["sharpness_every"] == 0:
@@ -306,9 +306,9 @@ def train(run):
     return 0
 
 
-def train_epoch(run, epoch, tracker):
+def train_epoch(run, epoch, tracker, first=False):
     """One pass over the training set. Metrics stay on the device and reach the host every
-    --log-every steps and at the end of the epoch."""
+    --log-every steps and at the end of the epoch. `first`: this process's first epoch."""
     config, step_fn, device = run.config, run.training.step, run.runtime.device
     run.train_loader.set_epoch(epoch)
     window, epoch_sums = Window(device), torch.zeros(3, dtype=torch.float64, device=device)
@@ -325,7 +325,7 @@ def train_epoch(run, epoch, tracker):
             epoch_sums += window.sums
             images_seen += window.images
             log_window(run, window, epoch, tracker, bar)
-        if i == 1 and epoch == run.epoch and device.type == "cpu" and run.dist.main:
+        if i == 1 and first and device.type == "cpu" and run.dist.main:
             warn_cpu_duration(run, time.perf_counter() - step_start, batches)
     bar.close()
     average_buffers(run.training.model, run.dist)  # replicas' BatchNorm statistics, as the official eval
@@ -480,6 +480,7 @@ def epoch_line(epoch, epochs, m, eta):
 
 def start_tracking(run):
     config, meta = run.config, run_metadata(run)
+    run.meta = meta
     if run.step or run.restarted:
         print(f"resuming {run.dir} from epoch {run.epoch}, step {run.step}"
               + (" (the earlier attempt stopped before its first checkpoint)" if not run.step else ""))
@@ -502,7 +503,7 @@ def finish(run, tracker, wall_time):
                "epochs": run.epoch, "steps": run.step, "wall_time_s": wall_time,
                **{k: config[k] for k in ("model", "dataset", "augment", "optimizer", "rho", "seed")},
                "settings": {k: config[k] for k in EXPERIMENT}, "changes": run.changes,
-               "git_commit": git("rev-parse", "HEAD") or None, "dataset_md5": run.data_fingerprint["md5"],
+               "git_commit": run.meta["git_commit"], "dataset_md5": run.data_fingerprint["md5"],
                "dataset_official": run.data_fingerprint["official"]}
     if "val/acc" in last:
         results.update(final_val_acc=last["val/acc"], best_val_acc=run.best.get("best_val_acc"))

@@ -103,6 +103,7 @@ def test_two_epochs_end_to_end_with_offline_wandb(tiny_data, tmp_path):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"] == "wrn10_1" and saved["meta"]["parameters"] > 0
     assert saved["meta"]["dataset_official"] is False
+    assert results["git_commit"] == saved["meta"]["git_commit"]  # the code the run started on, read once
 
     history, config = history_and_config(glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb"))[0])
     assert json.loads(config["rho"]) == 0.05 and json.loads(config["model"]) == "wrn10_1"
@@ -496,6 +497,14 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_cpu_duration_is_measured_once_per_process(tiny_data, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train, "warn_cpu_duration", lambda *args: calls.append(args))
+    assert train.main([*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--epochs", "3",
+                       "--wandb-mode", "disabled"]) == 0
+    assert len(calls) == 1
+
+
 def test_a_long_cpu_run_says_what_it_would_take(tiny_data, tmp_path):
     proc = start_cli([*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--epochs", "100000",
                       "--wandb-mode", "disabled"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
