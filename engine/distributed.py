@@ -41,19 +41,22 @@ def all_reduce_sum(tensor, info):
     return tensor
 
 
-@torch.no_grad()
 def average_buffers(module, info):
     """Each replica's BatchNorm statistics come from its own images (the paper's per-accelerator
     BatchNorm); averaging them is what the official eval_step's pmean does. Running statistics
     are linear in their updates, so averaging once an epoch equals averaging every step."""
-    if not info.enabled:
-        return
-    buffers = [b for b in module.buffers() if b.is_floating_point()]
-    flat = torch._utils._flatten_dense_tensors(buffers)
+    if info.enabled:
+        all_reduce_mean([b for b in module.buffers() if b.is_floating_point()])
+
+
+@torch.no_grad()
+def all_reduce_mean(tensors):
+    """Replace each tensor by its mean over the processes, in one all-reduce."""
+    flat = torch._utils._flatten_dense_tensors(tensors)
     dist.all_reduce(flat)
-    flat /= info.world_size
-    for b, f in zip(buffers, torch._utils._unflatten_dense_tensors(flat, buffers)):
-        b.copy_(f)
+    flat /= dist.get_world_size()
+    for t, f in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
+        t.copy_(f)
 
 
 def replica_digests(module, info):

@@ -9,6 +9,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from engine.config import ConfigError, model_options
+from engine.distributed import all_reduce_mean
 from engine.groups import GroupGradients, split
 from models import build_model
 from sam import SAM, frozen_bn_stats, local_gradients
@@ -217,7 +218,7 @@ class TrainStep:
         for p, g in grads.items():
             p.grad = g
         if torch.distributed.is_initialized():  # the gradients were taken outside DDP: average them here
-            _all_reduce_mean([p.grad for p in grads])
+            all_reduce_mean([p.grad for p in grads])
         self._descend()
         correct = (logits.detach().argmax(-1) == hard(y)).sum()
         return losses.detach().mean(), correct, norms.mean() if self.sam else None
@@ -257,11 +258,3 @@ def clip_global_norm(grads, max_norm):
     norms = torch.stack(torch._foreach_norm(grads))
     norm = torch.linalg.vector_norm(norms.to(torch.promote_types(norms.dtype, torch.float32)))
     torch._foreach_mul_(grads, torch.clamp(max_norm / norm, max=1.0).to(grads[0].dtype))
-
-
-def _all_reduce_mean(tensors):
-    flat = torch._utils._flatten_dense_tensors(tensors)
-    torch.distributed.all_reduce(flat)
-    flat /= torch.distributed.get_world_size()
-    for t, f in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
-        t.copy_(f)
