@@ -36,17 +36,6 @@ def _check(depth, width, norm):
         raise ValueError(f"WideResNet norm must be one of {', '.join(NORMS)}, got {norm!r}")
 
 
-def _stages(depth, width, block):
-    """Three stages of (depth - 4) / 6 blocks, 16k/32k/64k channels, strides 1/2/2, after a
-    16-channel stem; block(in, out, stride, first) builds one (first: the network's first block).
-    -> (the blocks, the last stage's channels)."""
-    blocks, channels = (depth - 4) // 6, [16, 16 * width, 32 * width, 64 * width]
-    layers = [block(channels[stage] if i == 0 else channels[stage + 1], channels[stage + 1], stride if i == 0 else 1,
-                    stage == 0 and i == 0)
-              for stage, stride in enumerate((1, 2, 2)) for i in range(blocks)]
-    return nn.Sequential(*layers), channels[3]
-
-
 class PreActBlock(nn.Module):
     def __init__(self, in_channels, out_channels, stride, dropout, norm="batch"):
         super().__init__()
@@ -69,19 +58,33 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-class WideResNet(nn.Module):
-    def __init__(self, depth=28, width=10, num_classes=10, dropout=0.0, norm="batch"):
+class _WideResNet(nn.Module):
+    """What both variants share: a 16-channel 3x3 stem, three stages of (depth - 4) / 6 blocks
+    (16k/32k/64k channels, strides 1/2/2, the stride on each stage's first block), a final
+    norm-ReLU, global pooling and a linear layer. block(in, out, stride, first) builds one block
+    (first: the network's first block)."""
+
+    def __init__(self, depth, width, num_classes, norm, block):
         super().__init__()
         _check(depth, width, norm)
         self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.blocks, features = _stages(depth, width, lambda i, o, s, first: PreActBlock(i, o, s, dropout, norm))
-        self.bn = _norm(norm, features)
-        self.fc = nn.Linear(features, num_classes)
+        per_stage, channels = (depth - 4) // 6, [16, 16 * width, 32 * width, 64 * width]
+        self.blocks = nn.Sequential(*[
+            block(channels[stage] if i == 0 else channels[stage + 1], channels[stage + 1], stride if i == 0 else 1,
+                  stage == 0 and i == 0)
+            for stage, stride in enumerate((1, 2, 2)) for i in range(per_stage)])
+        self.bn = _norm(norm, channels[3])
+        self.fc = nn.Linear(channels[3], num_classes)
         init_weights(self)
 
     def forward(self, x):
         out = F.relu(self.bn(self.blocks(self.conv1(x))))
         return classify(self.fc, out)
+
+
+class WideResNet(_WideResNet):
+    def __init__(self, depth=28, width=10, num_classes=10, dropout=0.0, norm="batch"):
+        super().__init__(depth, width, num_classes, norm, lambda i, o, s, first: PreActBlock(i, o, s, dropout, norm))
 
 
 class SamBlock(nn.Module):
@@ -110,18 +113,9 @@ class SamBlock(nn.Module):
         return out + shortcut
 
 
-class SamWideResNet(nn.Module):
+class SamWideResNet(_WideResNet):
     def __init__(self, depth=28, width=10, num_classes=10, norm="batch"):
-        super().__init__()
-        _check(depth, width, norm)
-        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.blocks, features = _stages(depth, width, lambda i, o, s, first: SamBlock(i, o, s, first, norm))
-        self.bn = _norm(norm, features)
-        self.fc = nn.Linear(features, num_classes)
-        init_weights(self)  # Kaiming-normal fan_out convolutions (utils.conv_kernel_init_fn), BatchNorm 1 and 0
+        # init_weights: Kaiming-normal fan_out convolutions (utils.conv_kernel_init_fn), BatchNorm 1 and 0
+        super().__init__(depth, width, num_classes, norm, lambda i, o, s, first: SamBlock(i, o, s, first, norm))
         # utils.dense_layer_init_fn: U(-1/sqrt(classes), 1/sqrt(classes)), "about 0.5% better on CIFAR-100"
         nn.init.uniform_(self.fc.weight, -1 / math.sqrt(num_classes), 1 / math.sqrt(num_classes))
-
-    def forward(self, x):
-        out = F.relu(self.bn(self.blocks(self.conv1(x))))
-        return classify(self.fc, out)
