@@ -4,7 +4,7 @@ run (its subset, validation split and noisy labels), normalised as in training."
 import numpy as np
 import torch
 
-from data.augment import channel_stats, to_model_input
+from data.augment import Normaliser, channel_stats
 from data.splits import make_splits
 
 
@@ -17,9 +17,7 @@ def training_batches(data, config, count, size, seed=0, device="cpu", channels_l
     if total == 0:
         raise ValueError(f"the run has {len(splits.train_labels)} training images, fewer than one batch of {size}")
     chosen = np.sort(np.random.default_rng(seed).permutation(len(splits.train_labels))[:total])
-    mean, std = (torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-                 for v in channel_stats(splits.train_images))
-    images = torch.from_numpy(splits.train_images[chosen]).to(device)
+    normalise = Normaliser(*channel_stats(splits.train_images), device, channels_last=channels_last)
+    x = normalise(torch.from_numpy(splits.train_images[chosen]).to(device))
     labels = torch.from_numpy(splits.train_labels[chosen]).to(device)
-    x = to_model_input(images, mean, std, torch.float32, channels_last=channels_last)
     return [(x[i:i + size], labels[i:i + size]) for i in range(0, total, size)]

@@ -93,14 +93,22 @@ def channel_stats(images):
     return np.array(mean) / 255.0, np.array(std) / 255.0
 
 
-def to_model_input(images, mean, std, dtype, cutout_generator=None, channels_last=True, part=slice(None),
-                   total=None, placement="image"):
-    """uint8 batch on the device -> normalised float batch (cutout after normalisation)."""
-    x = (images.to(torch.float32) / 255.0 - mean) / std
-    if cutout_generator is not None:
-        x = cutout(x, cutout_generator, part=part, total=total, placement=placement)
-    x = x.to(dtype)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+class Normaliser:
+    """uint8 batch on the device -> normalised float batch, cutout (when asked) after normalisation:
+    the last step of both training loaders, and of every evaluation and measurement."""
+
+    def __init__(self, mean, std, device, dtype=torch.float32, cutout=False, channels_last=True, placement="batch"):
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.dtype, self.cutout, self.channels_last, self.placement = dtype, cutout, channels_last, placement
+
+    def __call__(self, images, generator=None, part=slice(None), total=None):
+        """generator: the cutout draws (unused without cutout); part/total: as random_crop_flip."""
+        x = (images.to(torch.float32) / 255.0 - self.mean) / self.std
+        if self.cutout:
+            x = cutout(x, generator, part=part, total=total, placement=self.placement)
+        x = x.to(self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 def per_image_transform(augment, padding_mode="reflect", policy="official"):

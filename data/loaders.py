@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data.augment import AUGMENTATIONS, channel_stats, mixup, mixup_weight, pad_batch, pad_images, \
-    per_image_transform, random_crop_flip, to_model_input
+from data.augment import AUGMENTATIONS, Normaliser, channel_stats, mixup, mixup_weight, pad_batch, pad_images, \
+    per_image_transform, random_crop_flip
 from data.autoaugment import autoaugment
 from data.splits import make_splits
 
@@ -32,19 +32,6 @@ def derived_seed(*key):
 
 def seeded_generator(device, *key):
     return torch.Generator(device=device).manual_seed(derived_seed(*key))
-
-
-class _Normaliser:
-    """The last, shared step of both loaders: uint8 batch -> normalised (cutout) float batch."""
-
-    def __init__(self, mean, std, device, dtype, cutout, channels_last, placement="batch"):
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self.dtype, self.cutout, self.channels_last, self.placement = dtype, cutout, channels_last, placement
-
-    def __call__(self, images, generator, part=slice(None), total=None):
-        return to_model_input(images, self.mean, self.std, self.dtype, generator if self.cutout else None,
-                              self.channels_last, part, total, self.placement)
 
 
 def _mixed(loader, i, images, labels):
@@ -179,14 +166,14 @@ def build_loaders(data, *, augment, batch_size, device, seed=0, loader="auto", w
         splits.train_labels = np.asarray(relabel(splits.train_images, splits.train_labels, mean, std), dtype=np.int64)
     common = dict(device=device, seed=seed, padding_mode=padding_mode, rank=rank, world_size=world_size,
                   mixup=(mixup_alpha, data.num_classes) if mixup_alpha else None)
-    train_norm = _Normaliser(mean, std, device, dtype, augment.endswith("cutout"), channels_last, cutout_placement)
+    train_norm = Normaliser(mean, std, device, dtype, augment.endswith("cutout"), channels_last, cutout_placement)
     if loader == "workers" or torchvision_aa:
         train = WorkerLoader(splits.train_images, splits.train_labels, batch_size=batch_size, augment=augment,
                              normaliser=train_norm, workers=workers, policy=autoaugment_policy, **common)
     else:
         train = DeviceLoader(splits.train_images, splits.train_labels, batch_size=batch_size, augment=augment,
                              normaliser=train_norm, train=True, **common)
-    eval_norm = _Normaliser(mean, std, device, dtype, False, channels_last)
+    eval_norm = Normaliser(mean, std, device, dtype, channels_last=channels_last)
     evals = {name: DeviceLoader(x, y, batch_size=eval_batch_size or batch_size, device=device,
                                 normaliser=eval_norm)
              for name, (x, y) in splits.eval_sets.items()}

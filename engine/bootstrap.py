@@ -4,7 +4,7 @@ scratch, on the labels that a finished model predicts for the unaugmented traini
 import numpy as np
 import torch
 
-from data.augment import to_model_input
+from data.augment import Normaliser
 from engine import checkpoint
 from engine.config import ConfigError
 
@@ -26,13 +26,12 @@ def label_predictor(path, config, runtime, batch_size=1000):
 
     @torch.no_grad()
     def predict(images, given, mean, std):
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=runtime.device).view(1, -1, 1, 1)
-        std_t = torch.tensor(std, dtype=torch.float32, device=runtime.device).view(1, -1, 1, 1)
+        normalise = Normaliser(mean, std, runtime.device, channels_last=False)
         labels = []
         for start in range(0, len(images), batch_size):
             x = torch.from_numpy(images[start:start + batch_size]).to(runtime.device)
             with runtime.autocast():
-                logits = model(to_model_input(x, mean_t, std_t, torch.float32, channels_last=False))
+                logits = model(normalise(x))
             labels.append(logits.argmax(1).cpu())
         labels = torch.cat(labels).numpy().astype(np.int64)
         record["changed_labels"] = float((labels != given).mean())
