@@ -18,10 +18,9 @@ RUN_ARGS=()
 
 # Parses what every script shares: CONFIG (the one positional argument), --gpus, --out-dir,
 # --dry-run, --help, and train.py flags after --. The script's own options, named in
-# SCRIPT_OPTIONS, all take a value; they come back in OPTIONS as name/value pairs.
+# SCRIPT_OPTIONS, all take a value; each goes to the script's `script_option OPTION VALUE`.
 parse_common() {
     CONFIG=""
-    OPTIONS=()
     while [ $# -gt 0 ]; do
         case "$1" in
             --gpus|--out-dir) [[ $# -ge 2 && "$2" != --* ]] || die "option $1 needs a value"
@@ -32,7 +31,7 @@ parse_common() {
             --) shift; EXTRA+=("$@"); break ;;
             -*) [[ " $SCRIPT_OPTIONS " == *" $1 "* ]] || unknown_option "$1"
                 [[ $# -ge 2 && "$2" != --* ]] || die "option $1 needs a value"
-                OPTIONS+=("$1" "$2"); shift 2 ;;
+                script_option "$1" "$2"; shift 2 ;;
             *) [ -z "${FIXED_CONFIG:-}" ] || die "this script takes no CONFIG (it uses $FIXED_CONFIG), got $1"
                [ -z "$CONFIG" ] || die "one CONFIG only, got $CONFIG and $1"; CONFIG=$1; shift ;;
         esac

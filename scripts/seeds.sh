@@ -17,14 +17,12 @@ USAGE
 
 SEEDS=5
 SCRIPT_OPTIONS="--seeds"
-parse_common "$@"
-set -- "${OPTIONS[@]+"${OPTIONS[@]}"}"
-while [ $# -gt 0 ]; do
+script_option() {  # OPTION VALUE, for each of SCRIPT_OPTIONS (parse_common)
     case "$1" in
         --seeds) need_count --seeds "$2"; SEEDS=$2 ;;
     esac
-    shift 2
-done
+}
+parse_common "$@"
 
 stem=$(config_stem "$CONFIG")
 for ((seed = 0; seed < SEEDS; seed++)); do

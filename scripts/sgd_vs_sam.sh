@@ -22,16 +22,14 @@ SEEDS=5
 AUGMENT=""
 DOUBLE=yes
 SCRIPT_OPTIONS="--seeds --augment --double-sgd"
-parse_common "$@"
-set -- "${OPTIONS[@]+"${OPTIONS[@]}"}"
-while [ $# -gt 0 ]; do
+script_option() {  # OPTION VALUE, for each of SCRIPT_OPTIONS (parse_common)
     case "$1" in
         --seeds) need_count --seeds "$2"; SEEDS=$2 ;;
         --augment) need_choice --augment "$2" basic cutout autoaugment autoaugment_cutout; AUGMENT=$2 ;;
         --double-sgd) need_choice --double-sgd "$2" yes no; DOUBLE=$2 ;;
     esac
-    shift 2
-done
+}
+parse_common "$@"
 
 stem=$(config_stem "$CONFIG")
 stem=${stem%_sam}

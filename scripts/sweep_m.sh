@@ -21,16 +21,14 @@ MS="16 32 64 128 256"
 GRID="0.01 0.02 0.05 0.1 0.2 0.5"
 SEED=0
 SCRIPT_OPTIONS="--m --grid --seed"
-parse_common "$@"
-set -- "${OPTIONS[@]+"${OPTIONS[@]}"}"
-while [ $# -gt 0 ]; do
+script_option() {  # OPTION VALUE, for each of SCRIPT_OPTIONS (parse_common)
     case "$1" in
         --m) need_counts --m "$2"; MS=$2 ;;
         --grid) need_numbers --grid "$2"; GRID=$2 ;;
         --seed) need_seed --seed "$2"; SEED=$2 ;;
     esac
-    shift 2
-done
+}
+parse_common "$@"
 
 stem=$(config_stem "$CONFIG")
 for m in $MS; do

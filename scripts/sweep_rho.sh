@@ -20,16 +20,14 @@ GRID="0.01 0.02 0.05 0.1 0.2 0.5"
 VAL=0.1
 SEED=0
 SCRIPT_OPTIONS="--grid --val-split --seed"
-parse_common "$@"
-set -- "${OPTIONS[@]+"${OPTIONS[@]}"}"
-while [ $# -gt 0 ]; do
+script_option() {  # OPTION VALUE, for each of SCRIPT_OPTIONS (parse_common)
     case "$1" in
         --grid) need_numbers --grid "$2"; GRID=$2 ;;
         --val-split) need_number --val-split "$2"; VAL=$2 ;;
         --seed) need_seed --seed "$2"; SEED=$2 ;;
     esac
-    shift 2
-done
+}
+parse_common "$@"
 
 stem=$(config_stem "$CONFIG")
 for rho in $GRID; do

@@ -25,16 +25,14 @@ SEEDS=3
 LEVELS="0.2 0.4 0.6 0.8"
 ALPHAS="1 8 16 32"
 SCRIPT_OPTIONS="--seeds --levels --alphas"
-parse_common "$@"
-set -- "${OPTIONS[@]+"${OPTIONS[@]}"}"
-while [ $# -gt 0 ]; do
+script_option() {  # OPTION VALUE, for each of SCRIPT_OPTIONS (parse_common)
     case "$1" in
         --seeds) need_count --seeds "$2"; SEEDS=$2 ;;
         --levels) need_numbers --levels "$2"; LEVELS=$2 ;;
         --alphas) need_numbers --alphas "$2"; ALPHAS=$2 ;;
     esac
-    shift 2
-done
+}
+parse_common "$@"
 
 sam_config() { if [ "$1" = 0.8 ]; then echo configs/labelnoise/sam_80.yaml; else echo configs/labelnoise/sam.yaml; fi; }
 
