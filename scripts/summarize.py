@@ -57,6 +57,10 @@ def welch_diff(a, b):
     return ma - mb, t975(math.floor(df)) * math.sqrt(va + vb)
 
 
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def run_record(result, metric, where):
     """One run: its settings (all that change the result, seed apart), seed, error, provenance."""
     settings = dict(result.get("settings") or {k: result.get(k) for k in KEY})
@@ -72,12 +76,12 @@ def from_folders(folders, metric):
     runs = []
     for folder in folders:
         if not Path(folder).is_dir():
-            print(f"warning: {folder} is not a folder; skipped", file=sys.stderr)
+            warn(f"{folder} is not a folder; skipped")
         for path in sorted(Path(folder).rglob("results.json")):
             try:
                 result = json.loads(path.read_text())
             except (OSError, ValueError) as e:
-                print(f"warning: {path} is unreadable ({e}); skipped", file=sys.stderr)
+                warn(f"{path} is unreadable ({e}); skipped")
                 continue
             if result.get(f"{metric}_test_error") is not None:
                 runs.append(run_record(result, metric, str(path.parent)))
@@ -107,7 +111,7 @@ def freeze(settings):
     return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in settings.items()))
 
 
-def group_runs(runs, warn):
+def group_runs(runs):
     """-> {frozen settings: [runs, one per seed]}; warns about repeated seeds and mixed provenance."""
     groups = defaultdict(dict)
     for r in runs:
@@ -129,8 +133,8 @@ def describe(frozen):
     return ", ".join(f"{k}={v}" for k, v in frozen.items() if k in KEY)
 
 
-def table(runs, warn=lambda message: print(f"warning: {message}", file=sys.stderr)):
-    groups = group_runs(runs, warn)
+def table(runs):
+    groups = group_runs(runs)
     settings = {key: {k: json.loads(v) for k, v in key} for key in groups}
     # Settings beyond the table's columns that tell some groups apart get a column of their own.
     varying = sorted({k for s in settings.values() for k in s if k not in KEY
@@ -185,10 +189,10 @@ def method_of(settings):
     return f"Bootstrap + {base}" if settings.get("relabel_from") else base
 
 
-def table4(runs, warn=lambda message: print(f"warning: {message}", file=sys.stderr)):
+def table4(runs):
     """Test accuracy (%) per method and noise level, mean ± 95% CI over seeds, beside the paper's;
     the Mixup rows take the best alpha of each level, as the paper reports them."""
-    groups = group_runs(runs, warn)
+    groups = group_runs(runs)
     cells = defaultdict(list)  # (method, level) -> [(mean, ci, alpha, seeds)]
     for key, members in groups.items():
         settings = {k: json.loads(v) for k, v in key}
