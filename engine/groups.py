@@ -40,6 +40,7 @@ class GroupGradients:
         with self.autocast():
             logits = functional_call(self.model, (params, buffers), (images,))
             loss = self.loss_fn(logits, labels)
+        # Plain ops, not step.py's fused half_squared_norm: its autograd.Function does not run under vmap.
         penalty = 0.5 * self.weight_decay * sum(w.square().sum() for w in params.values()) if self.weight_decay else 0
         return loss + penalty, (loss, logits)
 
