@@ -17,7 +17,8 @@ e = rho * sign(g) |g|^(q-1) / ||g||_q^(q-1) with 1/p + 1/q = 1 (p = 2 above; p =
 e = rho * sign(g)). second_order=True (Appendix C.4) keeps the term dropped in equation 3:
 the gradient of L(w + e(w)) is (I + de/dw)^T v with v the gradient at w + e, and
 (de/dw)^T v = rho / ||g|| * H (v - g^ (g^ . v)) costs one Hessian-vector product through the
-first pass's graph; that first backward must be `loss.backward(create_graph=True)`.
+first pass's graph; that first backward must be `loss.backward(create_graph=True)`. torch then
+warns of a .grad/graph cycle: first_step(zero_grad=True) and second_step() release it.
 
 Mixed precision with fp16 and torch.amp.GradScaler, in this order:
 
