@@ -424,15 +424,16 @@ def test_second_order_step_frees_the_first_gradient_graph():
     collector off, plain reference counting has to free them, step after step."""
     model = smooth_model()
     x, y = batch()
+    x = x.double()
     opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, second_order=True)
     gc.collect()
     gc.disable()
     try:
         for _ in range(2):
-            nn.functional.cross_entropy(model(x.double()), y).backward(create_graph=True)
+            nn.functional.cross_entropy(model(x), y).backward(create_graph=True)
             first = [weakref.ref(p.grad) for p in model.parameters()]
             opt.first_step(zero_grad=True)
-            nn.functional.cross_entropy(model(x.double()), y).backward()
+            nn.functional.cross_entropy(model(x), y).backward()
             opt.second_step(zero_grad=True)
             assert [r() for r in first] == [None] * len(first)
     finally:
