@@ -17,7 +17,7 @@ import yaml
 import train
 from conftest import REPO, without_wandb_service, write_cifar10
 from engine.config import SETTINGS, build_parser, load_yaml, parse_config
-from wandb_records import history_and_config
+from wandb_records import history_and_config, run_files_in_start_order
 
 TINY = ["--model", "wrn10_1", "--dropout", "0.1", "--batch-size", "32", "--eval-batch-size", "16",
         "--log-every", "2", "--device", "cpu"]
@@ -231,8 +231,7 @@ def test_allowed_changes_are_recorded_and_extending_rebuilds_the_schedule(tiny_d
     assert saved["meta"]["changes"] == [{"step": 12, "epoch": 2, "changes": {"epochs": [2, 4], "rho": [0.05, 0.1]}}]
     results = json.loads((tmp_path / "e" / "results.json").read_text())
     assert results["changes"] == saved["meta"]["changes"] and results["settings"]["rho"] == 0.1
-    _, config = history_and_config(sorted(glob.glob(str(tmp_path / "e" / "wandb" / "offline-run-*" /
-                                                         "run-*.wandb")))[-1])
+    _, config = history_and_config(run_files_in_start_order(tmp_path / "e")[-1])
     assert json.loads(config["rho"]) == 0.1
 
 

@@ -1,6 +1,9 @@
 """Read an offline W&B run file (LevelDB log format: 32 KiB blocks, 7-byte record headers,
 after a 7-byte ':W&B' file header) into wandb's own protobuf records."""
 
+import glob
+import os
+import re
 import struct
 
 from wandb.proto import wandb_internal_pb2
@@ -47,3 +50,14 @@ def history_and_config(path):
             items = record.run.config.update if kind == "run" else record.config.update
             config.update({item.key or "/".join(item.nested_key): item.value_json for item in items})
     return history, config
+
+
+def run_files_in_start_order(run_folder):
+    """The offline run file of each attempt under run_folder/wandb, the first attempt first. W&B names
+    an attempt's folder offline-run-YYYYMMDD_HHMMSS-ID and adds -1, -2... to attempts that start in
+    the same second; sorting the paths themselves would put ".../ID-1/run.wandb" first ('-' < '/')."""
+    def start(path):
+        folder = os.path.basename(os.path.dirname(path))
+        when, repeat = re.fullmatch(r"offline-run-(\d{8}_\d{6})-.+?(?:-(\d+))?", folder).groups()
+        return when, int(repeat or 0)
+    return sorted(glob.glob(os.path.join(run_folder, "wandb", "offline-run-*", "run-*.wandb")), key=start)
