@@ -1,10 +1,9 @@
 """Read an offline W&B run file (LevelDB log format: 32 KiB blocks, 7-byte record headers,
 after a 7-byte ':W&B' file header) into wandb's own protobuf records."""
 
-import glob
-import os
 import re
 import struct
+from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
 
@@ -57,7 +56,6 @@ def run_files_in_start_order(run_folder):
     an attempt's folder offline-run-YYYYMMDD_HHMMSS-ID and adds -1, -2... to attempts that start in
     the same second; sorting the paths themselves would put ".../ID-1/run.wandb" first ('-' < '/')."""
     def start(path):
-        folder = os.path.basename(os.path.dirname(path))
-        when, repeat = re.fullmatch(r"offline-run-(\d{8}_\d{6})-.+?(?:-(\d+))?", folder).groups()
+        when, repeat = re.fullmatch(r"offline-run-(\d{8}_\d{6})-.+?(?:-(\d+))?", path.parent.name).groups()
         return when, int(repeat or 0)
-    return sorted(glob.glob(os.path.join(run_folder, "wandb", "offline-run-*", "run-*.wandb")), key=start)
+    return sorted(Path(run_folder).glob("wandb/offline-run-*/run-*.wandb"), key=start)
