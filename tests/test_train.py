@@ -1,7 +1,6 @@
 """train.py end to end on tiny synthetic CIFAR data, on the CPU: logging, resume, bad input."""
 
 import errno
-import glob
 import json
 import os
 import re
@@ -105,7 +104,7 @@ def test_two_epochs_end_to_end_with_offline_wandb(tiny_data, tmp_path):
     assert saved["meta"]["dataset_official"] is False
     assert results["git_commit"] == saved["meta"]["git_commit"]  # the code the run started on, read once
 
-    history, config = history_and_config(glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb"))[0])
+    history, config = history_and_config(run_files_in_start_order(run)[0])
     assert json.loads(config["rho"]) == 0.05 and json.loads(config["model"]) == "wrn10_1"
     assert "git_commit" in json.loads(config["meta"]) and "dataset_md5" in json.loads(config["meta"])
     logged = [h for h in history if "test/acc" in h]
@@ -180,8 +179,8 @@ def test_killed_anywhere_and_resumed_run_ends_bitwise_identical(tiny_data, tmp_p
     rows = [[{k: v for k, v in r.items() if k not in strip} for r in read_jsonl(out / n / "metrics.jsonl")]
             for n in ("whole", "split")]
     assert rows[0] == rows[1]  # no duplicated or missing steps after the resumes
-    files = glob.glob(str(out / "split" / "wandb" / "offline-run-*" / "run-*.wandb"))
-    assert {os.path.basename(f) for f in files} == {f"run-{b['wandb_id']}.wandb"}  # all continued one W&B run
+    files = run_files_in_start_order(out / "split")
+    assert {f.name for f in files} == {f"run-{b['wandb_id']}.wandb"}  # all continued one W&B run
     assert not list((out / "split").glob("*.tmp"))
 
 
@@ -271,8 +270,8 @@ def test_an_attempt_that_died_before_its_first_checkpoint_starts_over_cleanly(ti
     steps = [r["step"] for r in read_jsonl(tmp_path / "d" / "metrics.jsonl")]
     assert steps == sorted(steps) and steps.count(6) == 2  # one step log and one epoch log at step 6, once
     # the id is in each run's data file name; folder names get "-1" when two attempts start in the same second
-    files = glob.glob(str(tmp_path / "d" / "wandb" / "offline-run-*" / "run-*.wandb"))
-    ids = {os.path.basename(f)[len("run-"):-len(".wandb")] for f in files}
+    files = run_files_in_start_order(tmp_path / "d")
+    ids = {f.stem[len("run-"):] for f in files}
     assert len(files) == 2 and ids == {wandb_id}  # no orphan W&B run: both attempts log to the same one
 
 
