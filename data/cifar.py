@@ -43,6 +43,24 @@ def resolve_data_dir(data_dir=None):
     return Path(data_dir).expanduser() if data_dir else default_data_dir()
 
 
+def check_files(dataset, data_dir=None, download=False):
+    """The data set's files are where they should be (not read; --download would fetch them), or a
+    DataError naming the fix."""
+    if dataset not in RELEASES:
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(RELEASES)}")
+    release = RELEASES[dataset][0]
+    folder = resolve_data_dir(data_dir) / release.base_folder
+    if download and not folder.is_dir():
+        return
+    if not folder.is_dir():
+        raise DataError(f"{dataset} not found: no folder {folder}; run with --download, "
+                        f"or point --data-dir (or ${DATA_DIR_ENV}) at the folder that holds {release.base_folder}/")
+    for name, _ in release.train_list + release.test_list:
+        if not (folder / name).is_file():
+            raise DataError(f"missing data file {folder / name}; delete it and run with --download, or rebuild "
+                            f"the folder")
+
+
 def load_cifar(dataset, data_dir=None, download=False):
     if dataset not in RELEASES:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(RELEASES)}")
@@ -57,10 +75,7 @@ def load_cifar(dataset, data_dir=None, download=False):
             raise DataError(f"downloading {release.url} into {root} failed ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else 'no detail'}); check the network, or "
                             f"place {release.base_folder}/ in --data-dir yourself") from None
-    if not folder.is_dir():
-        raise DataError(f"{dataset} not found: no folder {folder}; run with --download, "
-                        f"or point --data-dir (or ${DATA_DIR_ENV}) at the folder that holds {release.base_folder}/")
-
+    check_files(dataset, data_dir)
     train = [_read_batch(folder / name, label_key) for name, _ in release.train_list]
     test = [_read_batch(folder / name, label_key) for name, _ in release.test_list]
     fingerprint = _fingerprint(dataset, folder, release)

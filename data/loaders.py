@@ -1,6 +1,8 @@
 """Two training loaders with one interface: iterate for (images, labels) batches on the
-device, `len()` batches per epoch, `set_epoch(e)` before each epoch. Each epoch's order and
-augmentation depend only on (seed, epoch), so a resumed run sees the same batches. Under
+device, `len()` batches per epoch, `set_epoch(e, start)` before each epoch (start: the first batch
+to yield, for a run resumed mid-epoch). Each epoch's order depends only on (seed, epoch) and each
+batch's augmentation only on (seed, epoch, batch), so a run resumed anywhere, even mid-epoch,
+sees the same batches. Under
 torchrun, process r of N takes the r-th consecutive slice of every global batch, and each
 image's augmentation depends on its place in the global batch, not on r: N processes see
 exactly the batches one process sees, split into N groups (so --m-sharpness B/N on one process
@@ -21,6 +23,7 @@ from data.augment import AUGMENTATIONS, Normaliser, channel_stats, mixup, mixup_
     per_image_transform, random_crop_flip
 from data.autoaugment import autoaugment
 from data.splits import make_splits
+from engine.stopping import ignore_stop_signals
 
 LOADERS = ("auto", "device", "workers")
 
@@ -32,6 +35,14 @@ def derived_seed(*key):
 
 def seeded_generator(device, *key):
     return torch.Generator(device=device).manual_seed(derived_seed(*key))
+
+
+def batch_generators(loader):
+    """(i, generator) for each batch i from loader.start: the generator reseeded from (seed, epoch, i),
+    so batch i draws the same augmentation whichever batch the iteration started at."""
+    generator = torch.Generator(device=loader.device)
+    for i in range(loader.start, len(loader)):
+        yield i, generator.manual_seed(derived_seed(loader.seed, loader.epoch, i, 1))
 
 
 def _mixed(loader, i, images, labels):
@@ -53,10 +64,10 @@ class DeviceLoader:
         self.labels = torch.from_numpy(labels).to(device)
         self.batch_size, self.local_batch = batch_size, batch_size // world_size
         self.device, self.normaliser, self.train = torch.device(device), normaliser, train
-        self.seed, self.rank, self.epoch, self.mixup = seed, rank, 0, mixup  # mixup: (alpha, classes) or None
+        self.seed, self.rank, self.epoch, self.start, self.mixup = seed, rank, 0, 0, mixup  # mixup: (alpha, classes)
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
 
     def __len__(self):
         n = len(self.labels)
@@ -71,9 +82,8 @@ class DeviceLoader:
         # The same order and the same augmentation draws on every rank; each takes its slice.
         order = torch.randperm(len(self.labels), generator=seeded_generator(self.device, self.seed, self.epoch),
                                device=self.device)
-        generator = seeded_generator(self.device, self.seed, self.epoch, 1)
         part = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
-        for i in range(len(self)):
+        for i, generator in batch_generators(self):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size][part]
             images = self.images[idx]
             if self.autoaugment:
@@ -102,16 +112,16 @@ class _GlobalBatchSlices(Sampler):
     """Rank r's indices: the r-th slice of every global batch of a (seed, epoch) permutation."""
 
     def __init__(self, n, batch_size, seed, rank, world_size):
-        self.n, self.batch_size, self.seed, self.rank, self.epoch = n, batch_size, seed, rank, 0
+        self.n, self.batch_size, self.seed, self.rank, self.epoch, self.start = n, batch_size, seed, rank, 0, 0
         self.local = batch_size // world_size
 
     def __len__(self):
-        return self.n // self.batch_size * self.local
+        return (self.n // self.batch_size - self.start) * self.local
 
     def __iter__(self):
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(derived_seed(self.seed, self.epoch)))
-        for start in range(0, self.n - self.batch_size + 1, self.batch_size):
-            first = start + self.rank * self.local
+        for batch in range(self.start, self.n // self.batch_size):
+            first = batch * self.batch_size + self.rank * self.local
             yield from order[first:first + self.local].tolist()
 
 
@@ -124,20 +134,20 @@ class WorkerLoader:
         # Workers start afresh each epoch (persistent_workers=False), so they see the new epoch.
         self.loader = DataLoader(self.dataset, batch_size=batch_size // world_size, sampler=self.sampler,
                                  num_workers=workers, pin_memory=self.device.type == "cuda", drop_last=True,
-                                 persistent_workers=False)
-        self.normaliser, self.seed, self.epoch, self.mixup = normaliser, seed, 0, mixup
+                                 persistent_workers=False, worker_init_fn=ignore_stop_signals)
+        self.normaliser, self.seed, self.epoch, self.start, self.mixup = normaliser, seed, 0, 0, mixup
         self.batch_size, self.part = batch_size, slice(rank * (batch_size // world_size),
                                                         (rank + 1) * (batch_size // world_size))
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch, start=0):
         self.epoch = self.dataset.epoch = self.sampler.epoch = epoch
+        self.start = self.sampler.start = start
 
     def __len__(self):
-        return len(self.loader)
+        return len(self.dataset) // self.batch_size
 
     def __iter__(self):
-        generator = seeded_generator(self.device, self.seed, self.epoch, 1)  # cutout, drawn per global batch
-        for i, (images, labels) in enumerate(self.loader):
+        for (i, generator), (images, labels) in zip(batch_generators(self), self.loader):  # cutout per global batch
             images = images.to(self.device, non_blocking=True)
             yield _mixed(self, i, self.normaliser(images, generator, self.part, self.batch_size),
                          labels.to(self.device, non_blocking=True))

@@ -1,31 +1,42 @@
-"""Checkpoints that are never half-written, and the RNG states a bitwise resume needs."""
+"""Checkpoints that are never half-written, the RNG states a bitwise resume needs, and the lock
+that keeps one live process per run folder."""
 
+import errno
+import fcntl
+import io
 import os
 import pickle
 import random
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from data.cifar import RELEASES
-from engine.config import defaults, model_options
+from engine.config import ConfigError, defaults, model_options
 from models import build_model
 
+LOCK = ".lock"
 
-def atomic_write(path, write):
-    """Call write(f) on a temporary binary file, fsync, then rename it over `path`: a crash at
-    any moment leaves either the old file or the new one, never a torn one."""
+
+def atomic_write(path, data):
+    """Write bytes to a temporary file, fsync, then rename it over `path`: a crash at any moment
+    leaves either the old file or the new one, never a torn one. A full disk raises OSError(ENOSPC)
+    with `needed` (the bytes it was writing) and leaves no partial file behind."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # a full disk or an interrupt: leave no partial file behind to fill it further
+    except BaseException as e:  # a full disk or an interrupt: leave no partial file behind to fill it further
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            e.needed = len(data)
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -35,7 +46,15 @@ def atomic_write(path, write):
 
 
 def save_atomic(state, path):
-    atomic_write(path, lambda f: torch.save(state, f))
+    """torch.save into memory first: serialising never meets the disk, so a full disk is one plain
+    OSError from the write (torch's own file writer reports it as a RuntimeError about zip offsets)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, buffer.getbuffer())
+
+
+def disk_full(error):
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def find(path):
@@ -45,9 +64,12 @@ def find(path):
 
 
 def load(path):
-    """A checkpoint written by train.py, or ValueError with a one-line reason."""
+    """A checkpoint written by train.py, or ValueError with a one-line reason. Memory-mapped: reading
+    its settings costs nothing; tensors are read when used."""
+    if not Path(path).is_file():
+        raise ValueError(f"{path} is not a readable train.py checkpoint (no such file)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:  # torch's message here is a page about weights_only; ours is a line
         raise ValueError(f"{path} is not a readable train.py checkpoint (not a PyTorch file of tensors)") from None
     except Exception as e:  # a truncated or corrupt archive, an unreadable file
@@ -92,3 +114,51 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RunLock:
+    """One live process per run folder: an OS lock (flock) on <run>/.lock, released by the kernel when
+    the process ends however it ends, so a kill -9 leaves no stale lock. The file names the holder."""
+
+    def __init__(self, run_dir):
+        self.path, self.fd = Path(run_dir) / LOCK, None
+
+    def acquire(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(in_use(self.path.parent)) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the lock
+            self.fd = None
+
+
+def holder(run_dir):
+    """Who holds the run folder's lock (its line in .lock), or None when no live process does."""
+    path = Path(run_dir) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return path.read_text(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)
+
+
+def in_use(run_dir):
+    return (f"run folder {run_dir} is in use by {holder(run_dir) or 'another process'}; wait for it to end or stop "
+            f"it (a run stopped by a signal checkpoints first), then run this again")

@@ -1,12 +1,16 @@
-"""Every setting of a run is declared once, in SETTINGS: type, default, allowed values, help,
-and where the default comes from. Values flow one way:
+"""Every setting of a run is declared once, in SETTINGS: type, default, allowed values, a one-line
+help, and where the default comes from. The defaults ARE the paper's headline run (WRN-28-10,
+CIFAR-10, basic augmentation, SAM, rho 0.05, m = 32, 200 epochs), so `python train.py` runs it
+and `--help` shows exactly what it uses. Values flow one way:
 
     SETTINGS defaults -> YAML file (--config; it may extend a `base:` file) -> flags -> validate()
 
 A YAML file holds only what differs from these defaults, each value with its source. YAML keys
-are the flag names with '_' for '-'."""
+are the flag names with '_' for '-'. docs/settings.md is generated from SETTINGS
+(`python -m engine.config --markdown > docs/settings.md`; a test keeps it true)."""
 
 import argparse
+import hashlib
 import math
 import sys
 from dataclasses import dataclass
@@ -22,7 +26,6 @@ from engine.groups import IMPLEMENTATIONS as GROUP_IMPLEMENTATIONS
 from models import model_spec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-DEFAULT_CONFIG = CONFIGS / "wrn28-10_sam.yaml"
 PAPER = "Foret et al. 2021"
 OFFICIAL = "google-research/sam"
 
@@ -35,162 +38,228 @@ class ConfigError(Exception):
 class Setting:
     type: type
     default: object
-    help: str
+    help: str                 # one line
     source: str = ""          # where the default comes from: the paper's section or the official code
     choices: tuple = None
     bounds: str = None        # allowed interval, e.g. "[0, 1)"; floats must also be finite
     experiment: bool = True   # False: changes how a run is carried out, not what it computes
+    unset: str = ""           # what the default None means
 
 
 S = Setting
 SETTINGS = {
     # what is trained
-    "model": S(str, "sam_wrn28_10", "sam_wrn<d>_<k> (the SAM authors' WideResNet), wrn<d>_<k> (Zagoruyko & "
-                                    "Komodakis', as in davda54/sam), resnet18, resnet32 or resnet32_jiang (Table 4)", f"{PAPER} Table 1 (WRN-28-10); "
-                                    f"{OFFICIAL} sam_jax/models/wide_resnet.py"),
+    "model": S(str, "sam_wrn28_10", "sam_wrn<d>_<k> (the SAM authors'), wrn<d>_<k>, resnet18, resnet32(_jiang)", f"{PAPER} Table 1 (WRN-28-10); {OFFICIAL} sam_jax/models/wide_resnet.py"),
     "dropout": S(float, 0.0, "dropout inside wrn<d>_<k> blocks", f"{OFFICIAL} wide_resnet.py has none",
                  bounds="[0, 1)"),
-    "norm": S(str, "batch", "normalisation in WideResNets: batch, or none (the paper's Hessian spectra, "
-                            "Section 4.2, used a WideResNet without BatchNorm)", choices=("batch", "none")),
-    "dataset": S(str, "cifar10", "dataset", choices=tuple(RELEASES)),
-    "augment": S(str, "basic", "augmentation, named as in the paper's Table 1 (autoaugment_cutout: both)",
-                 f"{PAPER} Table 1", choices=AUGMENTATIONS),
-    "autoaugment_policy": S(str, "official", "official: the SAM code's CIFAR policy, magnitudes and grey fill, "
-                            "before flip and crop, on the device; torchvision: its CIFAR10 policy after crop and "
-                            "flip, in DataLoader workers", f"{OFFICIAL} autoaugment/policies.py policy_cifar, "
-                            "autoaugment.py", choices=AUTOAUGMENT_POLICIES),
-    "cutout_placement": S(str, "batch", "one Cutout window per batch, or per image (DeVries & Taylor's code)",
-                          f"{OFFICIAL} sam_jax/datasets/augmentation.py cutout (one centre per batch)",
-                          choices=CUTOUT_PLACEMENTS),
+    "norm": S(str, "batch", "normalisation in WideResNets (none: for Hessian spectra, Section 4.2)",
+              choices=("batch", "none")),
+    "dataset": S(str, "cifar10", "dataset", f"{PAPER} Table 1", choices=tuple(RELEASES)),
+    "augment": S(str, "basic", "augmentation as named in Table 1", f"{PAPER} Table 1",
+                 choices=AUGMENTATIONS),
+    "autoaugment_policy": S(str, "official", "the official code's AutoAugment policy, or torchvision's", f"{OFFICIAL} autoaugment/policies.py policy_cifar",
+                            choices=AUTOAUGMENT_POLICIES),
+    "cutout_placement": S(str, "batch", "one Cutout window per batch, or per image (DeVries & Taylor)",
+                          f"{OFFICIAL} sam_jax/datasets/augmentation.py cutout", choices=CUTOUT_PLACEMENTS),
     "padding_mode": S(str, "reflect", "padding before the random crop", f"{OFFICIAL} augmentation.py "
                       "weak_image_augmentation (REFLECT)", choices=PADDING_MODES),
     # how it is optimised
     "epochs": S(int, 200, "training epochs", f"{PAPER} Table 1 (200 epochs)", bounds="[1, 100000]"),
-    "batch_size": S(int, 256, "global batch size (split across processes under torchrun)",
-                    f"{PAPER} Appendix C.1", bounds="[1, 1000000]"),
-    "lr": S(float, 0.1, "peak learning rate of the per-step cosine schedule (no warmup)", f"{PAPER} Appendix C.1; "
-            f"schedule: {OFFICIAL} flax_training.py get_cosine_schedule", bounds="(0, 10]"),
+    "batch_size": S(int, 256, "global batch size (split across processes under torchrun)", f"{PAPER} Appendix C.1",
+                    bounds="[1, 1000000]"),
+    "lr": S(float, 0.1, "peak learning rate of the per-step cosine schedule (no warmup)",
+            f"{PAPER} Appendix C.1; schedule: {OFFICIAL} flax_training.py get_cosine_schedule", bounds="(0, 10]"),
     "momentum": S(float, 0.9, "SGD momentum", f"{PAPER} Appendix C.1", bounds="[0, 1)"),
     "nesterov": S(bool, True, "Nesterov momentum (needs momentum > 0)", f"{OFFICIAL} flax_training.py "
                   "create_optimizer (nesterov=True)"),
-    "weight_decay": S(float, 5e-4, "L2 weight decay, on every parameter (BatchNorm and biases too, as the official "
-                      "code)", f"{PAPER} Appendix C.1", bounds="[0, 0.1]"),
-    "weight_decay_in": S(str, "loss", "loss: (wd/2)||w||^2 is part of the loss, so SAM's ascent gradient includes "
-                         "wd*w (official); optimizer: SGD applies it, outside the ascent (davda54/sam)",
-                         f"{OFFICIAL} flax_training.py train_step (weight_penalty added to the loss)",
+    "weight_decay": S(float, 5e-4, "L2 weight decay on every parameter (BatchNorm and biases too)",
+                      f"{PAPER} Appendix C.1", bounds="[0, 0.1]"),
+    "weight_decay_in": S(str, "loss", "loss: inside SAM's ascent (official); optimizer: SGD's (davda54/sam)", f"{OFFICIAL} flax_training.py train_step (weight_penalty in the loss)",
                          choices=("loss", "optimizer")),
-    "grad_clip": S(float, 5.0, "clip the global norm of the descent gradient (after averaging over processes, "
-                   "before the base step; with --weight-decay-in optimizer SGD adds its decay after); 0: off", f"{OFFICIAL} flax_training.py flag gradient_clipping and "
-                   "clip_by_global_norm", bounds="[0, 1000]"),
-    "optimizer": S(str, "sam", "sam, or sgd for the paper's baseline", choices=("sam", "sgd")),
-    "rho": S(float, 0.05, "SAM neighbourhood size (SAM only; ASAM's authors use 0.5 on CIFAR-10, 1.0 on CIFAR-100)",
-             f"{PAPER} Appendix C.1 (CIFAR-10)", bounds="[0, 10]"),
-    "adaptive": S(bool, False, "ASAM (Kwon et al. 2021): scale the ascent by |w| (SAM only); see "
-                               "configs/wrn28-10_asam.yaml"),
-    "eta": S(float, 0.01, "ASAM's eta in T_w = |w| + eta (--adaptive only)", "Kwon et al. 2021; SamsungLabs/ASAM "
-             "asam.py ASAM(eta=0.01)", bounds="[0, 1]"),
-    "sam_p": S(float, 2.0, "ascent over a p-norm ball, 1 < p <= inf (inf: e = rho sign(g)) (SAM only)",
+    "grad_clip": S(float, 5.0, "clip the global norm of the descent gradient; 0: off",
+                   f"{OFFICIAL} flax_training.py flag gradient_clipping, clip_by_global_norm", bounds="[0, 1000]"),
+    "optimizer": S(str, "sam", "sam, or sgd for the paper's baseline", f"{PAPER} Table 1", choices=("sam", "sgd")),
+    "rho": S(float, 0.05, "SAM neighbourhood size (SAM only)", f"{PAPER} Appendix C.1 (CIFAR-10)", bounds="[0, 10]"),
+    "adaptive": S(bool, False, "ASAM (Kwon et al. 2021): scale the ascent by |w| (SAM only)",
+                  "SAM; ASAM is configs/wrn28-10_asam.yaml"),
+    "eta": S(float, 0.01, "ASAM's eta in T_w = |w| + eta (--adaptive only)",
+             "Kwon et al. 2021; SamsungLabs/ASAM asam.py ASAM(eta=0.01)", bounds="[0, 1]"),
+    "sam_p": S(float, 2.0, "ascent over a p-norm ball, 1 < p <= inf (SAM only)",
                f"{PAPER} Appendix C.5 (p = 2 in every main result)", bounds="(1, inf]"),
-    "sam_second_order": S(bool, False, "keep SAM's second-order term (one Hessian-vector product a step; SAM "
-                                       "only, p = 2, not ASAM)", f"{PAPER} Appendix C.4 (dropped in every main "
-                                       "result)"),
-    "m_sharpness": S(int, 0, "m-sharpness: images per ascent group and per BatchNorm group within each process's "
-                     "batch; 0: the whole per-process batch", f"{PAPER} Section 4.1; the paper's CIFAR runs had "
-                     "m = 32 (batch 256 over 8 accelerators)", bounds="[0, 1000000]"),
-    "m_sharpness_impl": S(str, "vmap", "how the groups run: vmap (batched by torch.func) or loop (one after "
-                          "another, the reference); same result", choices=GROUP_IMPLEMENTATIONS, experiment=False),
+    "sam_second_order": S(bool, False, "keep SAM's second-order term (a Hessian-vector product per step)",
+                          f"{PAPER} Appendix C.4 (dropped in every main result)"),
+    "sam_start_epoch": S(int, 0, "late-phase SAM: SGD steps before this epoch, SAM steps from it (SAM only)",
+                         "SAM throughout; Zhou et al. 2025 (arXiv 2410.10373) switch late", bounds="[0, 100000]"),
+    "sam_prob": S(float, 1.0, "randomized SAM: each step is SAM with this probability, else SGD (SAM only)",
+                  "SAM every step; Zhao et al. 2022 (SS-SAM) draw it per step", bounds="[0, 1]"),
+    "m_sharpness": S(int, 32, "images per ascent and BatchNorm group in each process's batch; 0: whole batch",
+                     f"{PAPER} Section 4.1: batch 256 over 8 accelerators, 32 each (official: per-device pmap)",
+                     bounds="[0, 1000000]"),
+    "m_sharpness_impl": S(str, "vmap", "how the m-sharpness groups run: vmap (batched) or loop (the reference)",
+                          choices=GROUP_IMPLEMENTATIONS, experiment=False),
     "label_smoothing": S(float, 0.0, "label smoothing of the cross-entropy loss",
                          f"{OFFICIAL} flax_training.py flag label_smoothing", bounds="[0, 1)"),
     "seed": S(int, 0, "seed for initialisation, data order and augmentation", bounds="[0, 4294967295]"),
     # data
-    "data_dir": S(str, None, "folder holding cifar-10-batches-py/ or cifar-100-python/ "
-                             "(default: $SAM_DATA_DIR, else ~/.cache/sam-cifar)", experiment=False),
+    "data_dir": S(str, None, "folder holding cifar-10-batches-py/", experiment=False,
+                  unset="$SAM_DATA_DIR, else ~/.cache/sam-cifar"),
     "download": S(bool, False, "download the dataset with torchvision if it is missing", experiment=False),
-    "subset": S(int, 0, "use only the first N training and test images (0: all)", bounds="[0, inf)"),
-    "val_split": S(float, 0.0, "fraction of training images held out as validation (fixed images)",
-                   bounds="[0, 1)"),
-    "label_noise": S(float, 0.0, "p: training labels redrawn with probability p (see --label-noise-rule)",
-                     f"{PAPER} Section 3.3, Table 4 (20/40/60/80%)", bounds="[0, 1]"),
-    "label_noise_rule": S(str, "uniform", "uniform: a label is redrawn over all classes with probability p (it "
-                          "may keep its class; p(K-1)/K end up wrong); other: exactly p of the labels move to another "
-                          "class", "Jiang et al. 2019 (via MentorNet 2018 and Zhang et al. 2017), which Table 4 "
-                          "follows", choices=NOISE_RULES),
-    "mixup_alpha": S(float, 0.0, "mixup (Zhang et al. 2017): one Beta(alpha, alpha) weight per batch, each image "
-                     "mixed with the batch reversed; 0: off", f"{OFFICIAL} sam_jax/datasets/augmentation.py mixup; "
-                     "Table 4 tries alpha in {1, 8, 16, 32}", bounds="[0, 100]"),
-    "relabel_from": S(str, None, "bootstrap: train on the labels that a finished run's model (its folder or "
-                                 "last.pt) predicts for the unaugmented training images", f"{PAPER} Table 4 "
-                                 "(Bootstrap rows), after Jiang et al. 2019"),
+    "subset": S(int, 0, "use only the first N training and test images; 0: all", bounds="[0, inf)"),
+    "val_split": S(float, 0.0, "fraction of training images held out as validation (the last ones)",
+                   f"{OFFICIAL} holds out train[45000:] to tune rho", bounds="[0, 1)"),
+    "label_noise": S(float, 0.0, "training labels redrawn with probability p", f"{PAPER} Section 3.3, Table 4",
+                     bounds="[0, 1]"),
+    "label_noise_rule": S(str, "uniform", "uniform: redrawn over all classes; other: p move to another class", "Jiang et al. 2019, which Table 4 follows", choices=NOISE_RULES),
+    "mixup_alpha": S(float, 0.0, "mixup's Beta(alpha, alpha), one weight per batch; 0: off",
+                     f"{OFFICIAL} sam_jax/datasets/augmentation.py mixup; Table 4", bounds="[0, 100]"),
+    "relabel_from": S(str, None, "bootstrap: train on the labels a finished run (folder) predicts",
+                      f"{PAPER} Table 4 (Bootstrap rows), after Jiang et al. 2019", unset="the data's labels"),
     # where and how it runs: none of these changes what a run computes
     "out_dir": S(str, "runs", "folder that holds run folders", experiment=False),
-    "name": S(str, None, "run folder name (default: built from model, dataset, optimizer, rho, seed)",
-              experiment=False),
+    "name": S(str, None, "run folder name", experiment=False, unset="built from the settings"),
     "device": S(str, "auto", "auto (cuda if available), cuda, cuda:N or cpu", experiment=False),
-    "precision": S(str, "auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32",
-                   choices=("auto", "bf16", "fp16", "fp32")),
-    "channels_last": S(bool, None, "channels_last memory format (default: on for CUDA)", experiment=False),
-    "compile": S(str, "off", "torch.compile mode; off is plain eager",
-                 choices=("off", "default", "reduce-overhead", "max-autotune"), experiment=False),
-    "loader": S(str, "auto", "device: data set on the device with batched augmentation; workers: "
-                             "torchvision DataLoader; auto: device unless torchvision's AutoAugment", choices=LOADERS),
+    "precision": S(str, "auto", "autocast precision; auto: bf16 on CUDA, fp32 on the CPU",
+                   f"{OFFICIAL} on TPU multiplies in bfloat16", choices=("auto", "bf16", "fp16", "fp32")),
+    "channels_last": S(bool, None, "channels_last memory format", experiment=False, unset="on for CUDA"),
+    "compile": S(str, "off", "torch.compile mode; off: eager", choices=("off", "default", "reduce-overhead",
+                                                                           "max-autotune"), experiment=False),
+    "loader": S(str, "auto", "auto: device (data on the device), or workers for torchvision's AA",
+                choices=LOADERS),
     "workers": S(int, 4, "DataLoader workers (--loader workers only)", bounds="[0, 256]", experiment=False),
     "eval_batch_size": S(int, 1000, "batch size for evaluation", bounds="[1, 1000000]", experiment=False),
-    "log_every": S(int, 50, "steps between step logs (the only host syncs in the loop)", bounds="[1, inf)",
+    "log_every": S(int, 50, "steps between step logs (the loop's only host syncs)", bounds="[1, inf)",
                    experiment=False),
-    "sharpness_every": S(int, 0, "every N epochs, log lambda_max of the Hessian (20 power iterations on one fixed "
-                         "batch of training images, BatchNorm in eval mode); 0: off", f"{PAPER} Section 4.2",
-                         bounds="[0, 100000]", experiment=False),
-    "wandb_mode": S(str, None, "online, offline or disabled (default: $WANDB_MODE, else online with "
-                               "credentials, offline without)", choices=("online", "offline", "disabled"),
-                    experiment=False),
+    "checkpoint_every_min": S(float, 60.0, "also checkpoint mid-epoch once this many minutes passed; 0: off",
+                              f"{OFFICIAL} train.py flag save_progress_seconds (3600)", bounds="[0, 100000]",
+                              experiment=False),
+    "sharpness_every": S(int, 0, "log lambda_max of the Hessian every N epochs (one fixed batch); 0: off",
+                         f"{PAPER} Section 4.2", bounds="[0, 100000]", experiment=False),
+    "wandb_mode": S(str, None, "W&B mode", choices=("online", "offline", "disabled"), experiment=False,
+                    unset="$WANDB_MODE, else online if logged in, offline if not"),
     "wandb_project": S(str, "sam-cifar", "W&B project", experiment=False),
-    "wandb_entity": S(str, None, "W&B entity (team or user)", experiment=False),
-    "wandb_group": S(str, None, "W&B group, e.g. one per sweep", experiment=False),
-    "wandb_tags": S(str, None, "comma-separated W&B tags", experiment=False),
+    "wandb_entity": S(str, None, "W&B entity, team or user", experiment=False, unset="your default"),
+    "wandb_group": S(str, None, "W&B group, e.g. one per sweep", experiment=False, unset="none"),
+    "wandb_tags": S(str, None, "comma-separated W&B tags", experiment=False, unset="none"),
     "save_artifact": S(bool, False, "upload the final checkpoint to W&B as an artifact", experiment=False),
 }
 del S
 EXPERIMENT = tuple(k for k, s in SETTINGS.items() if s.experiment)
-SAM_ONLY = ("rho", "adaptive", "eta", "sam_p", "sam_second_order")  # the ascent's settings: not for SGD
+SAM_ONLY = ("rho", "adaptive", "eta", "sam_p", "sam_second_order", "sam_start_epoch", "sam_prob")
+NAMED = ("model", "dataset", "augment", "optimizer", "rho", "seed")  # always in a run's name
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, instead of usage + message
-        print(f"error: {message} (see python train.py --help)", file=sys.stderr)
+def defaults():
+    """Every setting at its default: the paper's headline run, the base under YAML and flags, and what
+    completes the saved settings of a run older than a setting."""
+    return {key: spec.default for key, spec in SETTINGS.items()}
+
+
+def shown(value):
+    """How a value appears in --help, docs/settings.md and run names."""
+    if value is None:
+        return "unset"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+# ---- the command line ------------------------------------------------------------------------------
+
+META = (  # flags that are not settings: (flag, metavar, help)
+    ("--config", "FILE", "YAML file of settings, applied over the defaults (configs/*.yaml)"),
+    ("--resume", "[RUN]", "continue a run: its folder or last.pt (alone: the folder these settings name)"),
+    ("--allow-changes", "", "with --resume: accept a longer --epochs, a new lr, rho, ... (recorded)"),
+    ("--check", "", "validate this command (settings, run folder, data files) and exit"),
+    ("--check-all", "FILE", "validate every train.py command line in FILE (the sweep scripts use it)"),
+)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one `error:` line and exit 2, instead of usage + message. Every entry
+    point (train.py, sharpness.py, evaluate.py, summarize.py, plot.py, the benchmarks suite) uses it."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 
-def _help(spec):
-    parts = [spec.help]
-    if spec.bounds:
-        parts.append(f"in {spec.bounds}")
-    parts.append(f"(default: {spec.default}{'; ' + spec.source if spec.source else ''})")
-    return " ".join(parts).replace("%", "%%")  # argparse formats help with %
+class _TrainParser(OneLineParser):
+    def format_help(self):
+        return help_text()
+
+    def error(self, message):  # a ConfigError like every other bad input (train.py --check-all names the run)
+        raise ConfigError(f"{message} (see python train.py --help)")
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def _label(name, spec):
+    if spec.type is bool:
+        return f"--[no-]{name.replace('_', '-')}"
+    return f"{flag(name)} {'NAME' if spec.choices else {int: 'N', float: 'X'}.get(spec.type, 'TEXT')}"
+
+
+def default_text(spec):
+    return "unset: " + spec.unset if spec.default is None else shown(spec.default)
+
+
+def help_text():
+    """--help: one line per setting with its default; the sources are in docs/settings.md."""
+    rows = [(f"{f} {m}".rstrip(), h) for f, m, h in META]
+    rows += [(_label(n, s), f"{s.help}{' (' + '|'.join(s.choices) + ')' if s.choices else ''} "
+                            f"(default: {default_text(s)})") for n, s in SETTINGS.items()]
+    width = 26
+    lines = ["usage: python train.py [--config FILE] [--resume [RUN] [--allow-changes]] [--check] [--SETTING X ...]",
+             "",
+             "Reproduce SAM (Foret et al., ICLR 2021) on CIFAR. With no flags: the paper's WRN-28-10 CIFAR-10 run.",
+             "Settings: these defaults, then --config FILE, then flags. Each default's source: docs/settings.md.",
+             ""]
+    for label, text in rows:
+        lines.append(f"  {label:<{width}} {text}" if len(label) <= width else f"  {label} {text}")
+    return "\n".join(lines) + "\n"
 
 
 def build_parser():
-    p = _Parser(description="Reproduce SAM (Foret et al., ICLR 2021) on CIFAR. Settings: the defaults below, "
-                            "then --config (default configs/wrn28-10_sam.yaml, the paper's headline run), "
-                            "then flags. Defaults name their source.")
-    # Every default is SUPPRESS: the parsed namespace then holds exactly what was given.
-    p.add_argument("--config", default=argparse.SUPPRESS,
-                   help="YAML file of settings (default: configs/wrn28-10_sam.yaml, the paper's headline run)")
-    p.add_argument("--resume", nargs="?", const="auto", default=argparse.SUPPRESS,
-                   help="continue a run: alone, the run folder that --out-dir/--name (or the config) names; "
-                        "or the given checkpoint or run folder. The run keeps its own settings.")
-    p.add_argument("--allow-changes", action="store_true", default=argparse.SUPPRESS,
-                   help="with --resume: accept settings that change the experiment; the change is recorded "
-                        "in config.yaml and W&B")
+    p = _TrainParser(prog="python train.py", add_help=True)
+    # Every default is None: what the namespace holds (not None) is exactly what was given.
+    p.add_argument("--config")
+    p.add_argument("--resume", nargs="?", const="auto")
+    p.add_argument("--allow-changes", action="store_true", default=None)
+    p.add_argument("--check", action="store_true", default=None)
+    p.add_argument("--check-all")
     for name, spec in SETTINGS.items():
-        flags = ["--" + name.replace("_", "-")] + (["--batch_size"] if name == "batch_size" else [])
+        flags = [flag(name)] + (["--batch_size"] if name == "batch_size" else [])
         if spec.type is bool:
-            p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=_help(spec))
+            p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction)
         else:
-            p.add_argument(*flags, dest=name, type=spec.type, default=argparse.SUPPRESS, choices=spec.choices,
-                           metavar=name.upper() if not spec.choices else None, help=_help(spec))
+            p.add_argument(*flags, dest=name, type=spec.type, choices=spec.choices)
     return p
 
+
+def settings_markdown():
+    """docs/settings.md: one table of every setting, its default, meaning, allowed values and source."""
+    def allowed(spec):
+        if spec.choices:
+            return ", ".join(spec.choices)
+        return spec.bounds or ("true, false" if spec.type is bool else "")
+
+    lines = ["# Settings", "",
+             "Generated from `SETTINGS` in `engine/config.py` by `python -m engine.config --markdown > "
+             "docs/settings.md`; a test checks it is current. The defaults are the paper's headline run "
+             "(`python train.py`). Flags are the names with `-` for `_` (`--batch-size`); YAML keys are the names. "
+             "*Experiment* settings change what a run computes: they are in its name and in results.json, and "
+             "`--resume` refuses to change them (but for those `--allow-changes` accepts).", "",
+             "| setting | default | meaning | allowed | experiment | source of the default |",
+             "|---|---|---|---|---|---|"]
+    for name, spec in SETTINGS.items():
+        cells = [f"`{name}`", f"`{shown(spec.default)}`" + (f" ({spec.unset})" if spec.default is None else ""),
+                 spec.help, allowed(spec),
+                 "yes" if spec.experiment else "no", spec.source]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- YAML files --------------------------------------------------------------------------------------
 
 def load_yaml(path, _seen=()):
     """The settings of a YAML file, after those of the `base:` file it names (relative to it)."""
@@ -229,35 +298,33 @@ def _check_type(key, value, where):
         raise ConfigError(f"{key} {where} must be one of {', '.join(spec.choices)}, got {value!r}")
 
 
+# ---- parsing and validation ----------------------------------------------------------------------------
+
 @dataclass
 class Parsed:
     """What the command line asked for: the resolved config, and which settings were given."""
     config: dict           # every SETTINGS key
-    config_file: str       # the YAML file read (the default one when --config is absent)
     resume: str = None     # None, "auto", or a path
     allow_changes: bool = False
+    check: bool = False
+    check_all: str = None  # a file of train.py command lines to check
     given: dict = None     # settings set explicitly, by --config or by flags
     flags: frozenset = frozenset()  # settings set by flags
 
 
-def defaults():
-    """Every setting at its default: the base under YAML and flags, and what completes the saved
-    settings of a run older than a setting."""
-    return {key: spec.default for key, spec in SETTINGS.items()}
-
-
 def parse_config(argv=None):
-    args = vars(build_parser().parse_args(argv))
-    config_file = args.pop("config", None)
-    resume, allow_changes = args.pop("resume", None), args.pop("allow_changes", False)
-    from_yaml = load_yaml(config_file or DEFAULT_CONFIG)
+    args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+    config_file, resume = args.pop("config", None), args.pop("resume", None)
+    allow_changes, check = args.pop("allow_changes", False), args.pop("check", False)
+    check_all = args.pop("check_all", None)
+    from_yaml = load_yaml(config_file) if config_file else {}
     config = {**defaults(), **from_yaml, **args}
-    # On resume, only what the user wrote counts as a request to change the run.
-    given = {**(from_yaml if config_file or not resume else {}), **args}
     validate(config, flags=frozenset(args))
     if allow_changes and not resume:
         raise ConfigError("--allow-changes only applies to --resume; drop it")
-    return Parsed(config, str(config_file or DEFAULT_CONFIG), resume, allow_changes, given, frozenset(args))
+    if check_all and (args or config_file or resume or check):
+        raise ConfigError("--check-all FILE takes no other flags (the commands are in FILE)")
+    return Parsed(config, resume, allow_changes, check, check_all, {**from_yaml, **args}, frozenset(args))
 
 
 def _interval(text):
@@ -279,12 +346,17 @@ def validate(config, flags=frozenset()):
     for key, spec in SETTINGS.items():
         if spec.bounds and config[key] is not None and not _within(config[key], spec.bounds):
             raise ConfigError(f"{key} must be in {spec.bounds}, got {config[key]}")
+    if config["name"] is not None:
+        check_name(config["name"])
     if config["optimizer"] == "sgd":
         for key in SAM_ONLY:
             if key in flags:
-                raise ConfigError(f"--{key.replace('_', '-')} applies only to SAM, not to --optimizer sgd; drop it "
+                raise ConfigError(f"{flag(key)} applies only to SAM, not to --optimizer sgd; drop it "
                                   f"or use --optimizer sam")
             config[key] = SETTINGS[key].default if key != "rho" else 0.0  # keep the recorded config honest
+    if config["sam_start_epoch"] > config["epochs"]:
+        raise ConfigError(f"--sam-start-epoch {config['sam_start_epoch']} is after the last epoch "
+                          f"({config['epochs']}); use 0..{config['epochs']} (= --epochs: all SGD)")
     if "eta" in flags and not config["adaptive"]:
         raise ConfigError("--eta applies only to ASAM; add --adaptive or drop --eta")
     if config["sam_second_order"] and (config["sam_p"] != 2 or config["adaptive"]):
@@ -311,15 +383,29 @@ def validate(config, flags=frozenset()):
                           "autoaugment with mixup")
     if "cutout_placement" in flags and not config["augment"].endswith("cutout"):
         raise ConfigError("--cutout-placement applies only with --augment cutout or autoaugment_cutout")
+    if config["sharpness_every"] > config["epochs"]:
+        raise ConfigError(f"--sharpness-every {config['sharpness_every']} is more than --epochs {config['epochs']}, "
+                          f"so it would never measure; use 1..{config['epochs']}, or 0 for off")
+    if config["subset"] and config["subset"] < config["batch_size"]:
+        raise ConfigError(f"--subset {config['subset']} holds fewer images than one batch of {config['batch_size']}; "
+                          f"raise --subset or lower --batch-size")
     if config["wandb_mode"] == "disabled":
         for key in ("wandb_project", "wandb_entity", "wandb_group", "wandb_tags", "save_artifact"):
             if key in flags and config[key]:
-                raise ConfigError(f"--{key.replace('_', '-')} needs W&B, but --wandb-mode is disabled; "
-                                  f"drop one of them")
+                raise ConfigError(f"{flag(key)} needs W&B, but --wandb-mode is disabled; drop one of them")
     try:
         model_spec(config["model"], **model_options(config))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def check_name(name):
+    """--name is one folder name inside --out-dir: not empty, no path separator, not . or .."""
+    if not name.strip() or "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
+        raise ConfigError(f"--name must be one folder name (no '/', not empty, '.' or '..'), got {name!r}; "
+                          f"put the parent folder in --out-dir")
+    if len(name.encode()) > 200:
+        raise ConfigError(f"--name is {len(name.encode())} bytes long; use at most 200")
 
 
 def m_sharpness_error(config, world_size):
@@ -344,20 +430,30 @@ def model_options(config):
     return {**options, "norm": config["norm"]} if config["norm"] != "batch" else options
 
 
+def differences(config):
+    """The experiment settings of `config` that differ from the defaults (the paper's headline run),
+    besides those every name and table shows (NAMED): {setting: value}."""
+    return {k: config[k] for k in EXPERIMENT if k not in NAMED and config[k] != SETTINGS[k].default}
+
+
 def default_name(config):
-    parts = [config["model"], config["dataset"], config["augment"], config["optimizer"]]
-    if config["optimizer"] == "sam":
-        parts.append(f"rho{config['rho']:g}" + ("-asam" if config["adaptive"] else ""))
-        if config["sam_p"] != 2:
-            parts.append(f"p{config['sam_p']:g}")
-        if config["sam_second_order"]:
-            parts.append("second-order")
-    if config["m_sharpness"]:
-        parts.append(f"m{config['m_sharpness']}")
-    return "-".join(parts + [f"seed{config['seed']}"])
+    """model-dataset-augment-optimizer[-rhoR]-seedS, then +setting=value for every other experiment
+    setting that differs from the defaults: two different experiments never share a folder, and the
+    same command always finds its own. Past 200 bytes, the +parts become one digest of them."""
+    rho = f"-rho{shown(config['rho'])}" if config["optimizer"] == "sam" else ""
+    name = f"{config['model']}-{config['dataset']}-{config['augment']}-{config['optimizer']}{rho}-seed{config['seed']}"
+    extra = "".join(f"+{k}={shown(v)}".replace("/", "_") for k, v in differences(config).items())
+    if len((name + extra).encode()) > 200:
+        extra = "+" + hashlib.sha256(extra.encode()).hexdigest()[:12]
+    return name + extra
 
 
-if __name__ == "__main__":  # for the sweep scripts: python -m engine.config SETTING [train.py flags]
+if __name__ == "__main__":
+    # python -m engine.config --markdown            docs/settings.md
+    # python -m engine.config SETTING [flags]       a setting's resolved value (for the sweep scripts)
+    if sys.argv[1:] == ["--markdown"]:
+        sys.stdout.write(settings_markdown())
+        sys.exit(0)
     try:
         print(parse_config(sys.argv[2:]).config[sys.argv[1]])
     except ConfigError as e:

@@ -13,6 +13,7 @@ class Dist:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    control: object = None  # a CPU (gloo) process group for host-side agreement (engine/stopping.py)
 
     @property
     def main(self):
@@ -32,7 +33,8 @@ def init_distributed(device_type):
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return Dist(rank, local_rank, world_size)
+    control = dist.new_group(backend="gloo") if device_type == "cuda" else dist.group.WORLD
+    return Dist(rank, local_rank, world_size, control)
 
 
 def all_reduce_sum(tensor, info):
@@ -68,3 +70,16 @@ def replica_digests(module, info):
     gathered = [None] * info.world_size
     dist.all_gather_object(gathered, digest.hexdigest())
     return gathered
+
+
+def averaged_state(module, info):
+    """module.state_dict() with every floating-point buffer (BatchNorm's running statistics) averaged
+    over the processes, in copies: the replicas' own statistics stay as they are, so a checkpoint
+    taken mid-epoch leaves the run unchanged. Every rank must call it."""
+    state = module.state_dict()
+    if info.enabled:
+        names = [name for name, b in module.named_buffers() if b.is_floating_point() and name in state]
+        copies = [state[name].clone() for name in names]
+        all_reduce_mean(copies)
+        state.update(zip(names, copies))
+    return state

@@ -5,9 +5,11 @@ import contextlib
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from data.loaders import derived_seed
 from engine.config import ConfigError, model_options
 from engine.distributed import all_reduce_mean
 from engine.groups import GroupGradients, split
@@ -28,22 +30,27 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=dtype)
 
 
+def resolve_device(name, local_rank=0):
+    """--device (auto, cpu, cuda, cuda:N) -> torch.device, or ConfigError naming the fix."""
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} but no CUDA device is available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name} but only {torch.cuda.device_count()} CUDA device(s) exist; "
+                          f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
+
+
 def resolve_runtime(config, local_rank=0):
     """Device, precision and memory format from the config ('auto' resolved), or ConfigError."""
-    name = config["device"]
-    if name == "auto":
-        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-        if device.type not in ("cpu", "cuda"):
-            raise ConfigError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {name} but no CUDA device is available; use --device cpu")
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", local_rank)
+    device = resolve_device(config["device"], local_rank)
     precision = config["precision"]
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
@@ -106,6 +113,17 @@ def build_training(config, num_classes, runtime, total_steps, distributed=False,
     return Training(model, step, optimizer, schedule, scaler)
 
 
+def takes_sam_step(config, epoch, step):
+    """Whether optimisation step `step` (0-based, counted over the run) in `epoch` (0-based) is a SAM
+    step: SAM runs take SGD steps before --sam-start-epoch (late-phase SAM, Zhou et al. 2025) and, with
+    --sam-prob P < 1, a SAM step with probability P, drawn from (seed, step) alone, so a resumed run
+    draws the same (randomized SAM, Zhao et al. 2022)."""
+    if config["optimizer"] != "sam" or epoch < config["sam_start_epoch"]:
+        return False
+    p = config["sam_prob"]
+    return p >= 1 or (p > 0 and np.random.default_rng(derived_seed(config["seed"], step, 3)).random() < p)
+
+
 def group_count(config, world_size=1):
     """Groups of m images per process; 1 when m is off or is the whole per-process batch (then
     per-group SAM is plain SAM, and the plain step computes it)."""
@@ -133,7 +151,11 @@ class TrainStep:
     """`forward` runs the batch (maybe compiled); `net` is the module it wraps (maybe DDP), for
     BatchNorm and gradient-sync control. A call returns device tensors: the first pass's mean
     loss (cross-entropy, without the weight penalty), its number of correct predictions, and
-    SAM's ascent gradient norm (None for SGD). Nothing here waits for the device.
+    SAM's ascent gradient norm (None for an SGD step). Nothing here waits for the device.
+
+    sam: the optimizer is SAM (its base optimizer takes the steps). A call's `sam=False` takes an SGD
+    step with it instead: one pass, the same base optimizer, decay, clip and groups (late-phase and
+    randomized SAM).
 
     weight_decay: the official loss term (wd/2)||w||^2 (0 when SGD applies the decay instead).
     grad_clip: clip the global norm of the descent gradient, after averaging, before the step."""
@@ -142,6 +164,7 @@ class TrainStep:
                  weight_decay=0.0, grad_clip=0.0, groups=None):
         self.forward, self.net, self.optimizer, self.criterion = forward, net, optimizer, criterion
         self.sam, self.autocast, self.scaler = sam, autocast, scaler
+        self.base = optimizer.base_optimizer if sam else optimizer
         self.weight_decay, self.grad_clip = weight_decay, grad_clip
         self.second_order = sam and optimizer.second_order
         self.params = [p for p in net.parameters() if p.requires_grad]
@@ -167,49 +190,50 @@ class TrainStep:
         else:
             loss.backward()
 
-    def _descend(self):
+    def _descend(self, sam):
         """The base optimizer's step on the final gradient: w restored (SAM), unscaled (fp16),
         clipped, stepped."""
-        base = self.optimizer.base_optimizer if self.sam else self.optimizer
-        if self.sam:
+        if sam:
             self.optimizer.restore()  # w back, and the second-order term added if asked for
         if self.scaler:
-            self.scaler.unscale_(base)
+            self.scaler.unscale_(self.base)
         if self.grad_clip:
             clip_global_norm([p.grad for p in self.params if p.grad is not None], self.grad_clip)
-        if self.sam:
+        if sam:
             self.optimizer.second_step(zero_grad=True, scaler=self.scaler)
         else:
-            self.scaler.step(base) if self.scaler else base.step()
-            base.zero_grad(set_to_none=True)
+            self.scaler.step(self.base) if self.scaler else self.base.step()
+            self.base.zero_grad(set_to_none=True)
+            self.optimizer._opt_called = True  # for the schedule, attached to SAM (whose second_step sets it too)
         if self.scaler:
             self.scaler.update()
 
-    def __call__(self, images, labels):
+    def __call__(self, images, labels, sam=None):
+        sam = self.sam if sam is None else sam and self.sam
         if self.groups:
-            return self._grouped(images, labels)
-        with local_gradients(self.net) if self.sam else contextlib.nullcontext():
+            return self._grouped(images, labels, sam)
+        with local_gradients(self.net) if sam else contextlib.nullcontext():
             loss, logits = self._loss(images, labels)
-            self._backward(loss, create_graph=self.second_order)
+            self._backward(loss, create_graph=sam and self.second_order)
         loss_value = loss.detach().clone()
         correct = (logits.detach().argmax(1) == hard(labels)).sum()
         grad_norm = None
-        if self.sam:
+        if sam:
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)  # the ascent norm is of true gradients
             grad_norm = self.optimizer.first_step(zero_grad=True)
             with frozen_bn_stats(self.net):  # running statistics come from the first pass only
                 loss2, _ = self._loss(images, labels)
                 self._backward(loss2)
-        self._descend()
+        self._descend(sam)
         return loss_value, correct, grad_norm
 
-    def _grouped(self, images, labels):
+    def _grouped(self, images, labels, sam):
         """m-sharpness: G groups of m images, each with its own BatchNorm statistics and, for SAM,
         its own ascent; the descent uses the mean of the groups' (second) gradients."""
         count, group_grads = self.groups
         x, y = split(images, count), split(labels, count)
-        if self.sam:
+        if sam:
             grads, losses, logits = group_grads.first(x, y)
             params, perturbations, norms = self.optimizer.perturbation(grads)
             grads = group_grads.second(x, y, dict(zip(params, perturbations)))
@@ -219,9 +243,9 @@ class TrainStep:
             p.grad = g
         if torch.distributed.is_initialized():  # the gradients were taken outside DDP: average them here
             all_reduce_mean([p.grad for p in grads])
-        self._descend()
+        self._descend(sam)
         correct = (logits.detach().argmax(-1) == hard(y)).sum()
-        return losses.detach().mean(), correct, norms.mean() if self.sam else None
+        return losses.detach().mean(), correct, norms.mean() if sam else None
 
 
 def hard(labels):

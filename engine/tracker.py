@@ -1,6 +1,7 @@
 """Every metric goes to the run folder's metrics.jsonl and, unless disabled, to Weights & Biases,
-so nothing depends on the network. Step metrics accumulate on the device in a Window and reach
-the host only when logged."""
+so nothing depends on the network. A metrics.jsonl row holds the keys of the W&B row logged with it,
+plus "step" (W&B's step) and "kind": "step" (every --log-every steps) or "epoch" (an epoch's end).
+Step metrics accumulate on the device in a Window and reach the host only when logged."""
 
 import json
 import netrc
@@ -37,6 +38,11 @@ def wandb_mode(flag):
     return "online" if has_wandb_credentials() else "offline"
 
 
+def wandb_dir(run_dir):
+    """Where W&B keeps a run's files: $WANDB_DIR when set (W&B's own convention), else the run folder."""
+    return Path(os.environ.get("WANDB_DIR") or run_dir)
+
+
 def new_run_id():
     """Chosen when a run folder is created and kept in its config.yaml, so every process that
     works on the run (restarts and resumes included) logs to the same W&B run."""
@@ -51,15 +57,17 @@ class Tracker:
             self._truncate_after(resumed_step)  # the resumed process logs those steps again
         if mode != "disabled":
             import wandb
+            folder = wandb_dir(run_dir)
             self.run = wandb.init(project=project, entity=entity, group=group, tags=tags, name=Path(run_dir).name,
-                                  id=run_id, resume="allow", mode=mode, dir=str(run_dir))
+                                  id=run_id, resume="allow", mode=mode, dir=str(folder))
             self.run.config.update(config, allow_val_change=True)  # a resume may record changed settings
             if mode == "offline":
-                print(f"W&B is offline; upload later with: wandb sync {run_dir}/wandb/offline-run-*")
+                print(f"W&B is offline; upload later with: wandb sync {self.run.dir.rsplit('/files', 1)[0]}")
 
-    def log(self, metrics, step):
+    def log(self, metrics, step, kind):
+        """kind: "step" or "epoch"."""
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(json.dumps({"step": step, "kind": kind, **metrics}) + "\n")
         if self.run:
             self.run.log(metrics, step=step)
 
@@ -79,27 +87,27 @@ class Tracker:
             self.run.finish(exit_code=exit_code)
 
     def _truncate_after(self, step):
-        if not self.path.exists():
+        if not self.path.is_file():
             return
         kept = []
-        for line in self.path.read_text().splitlines():
+        for line in self.path.read_bytes().splitlines():
             try:
                 if json.loads(line)["step"] <= step:
                     kept.append(line)
-            except (ValueError, KeyError, TypeError):  # a line torn by a kill: after the checkpoint anyway
+            except (ValueError, KeyError, TypeError):  # a line torn by a kill, or not text: dropped
                 continue
-        atomic_write(self.path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+        atomic_write(self.path, b"".join(line + b"\n" for line in kept))
 
 
 class Window:
     """Sums of the step metrics since the last log, kept on the device: loss x images, correct
-    predictions, ascent gradient norm, and how many steps and images went in. `first_bad` is the
-    first step whose loss was not finite (-1 while none)."""
+    predictions, ascent gradient norm; and on the host how many steps, SAM steps and images went in.
+    `first_bad` is the first step whose loss was not finite (-1 while none)."""
 
     def __init__(self, device):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-        self.steps = self.images = 0
+        self.steps = self.sam_steps = self.images = 0
         self.start = time.perf_counter()
 
     def add(self, step, loss, correct, ascent_norm, n):
@@ -108,8 +116,16 @@ class Window:
         self.sums += torch.stack([loss.double() * n, correct.double(), norm])
         self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)
         self.steps, self.images = self.steps + 1, self.images + n
+        self.sam_steps += ascent_norm is not None
 
     def reset(self):
         self.sums.zero_()
-        self.steps = self.images = 0
+        self.steps = self.sam_steps = self.images = 0
         self.start = time.perf_counter()
+
+    def state_dict(self):
+        return {"sums": self.sums.cpu(), "steps": self.steps, "sam_steps": self.sam_steps, "images": self.images}
+
+    def load_state_dict(self, state):
+        self.sums.copy_(state["sums"])
+        self.steps, self.sam_steps, self.images = state["steps"], state["sam_steps"], state["images"]

@@ -1,0 +1,310 @@
+"""Stopping and resuming, against runs never interrupted: a signal that lands mid-epoch or at an
+epoch's last step, time-based checkpoints, changes that --allow-changes accepts (each shown to take
+effect), the data a run trained on, and one live process per run folder."""
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+import train
+from conftest import REPO, write_cifar10
+from test_train import TINY, read_jsonl, run_cli, start_cli, wait_for_step
+
+TIMING = ("images_per_s", "epoch_time_s", "train_time_s")
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    return write_cifar10(tmp_path / "data", per_batch=40)  # 200 training images: 6 steps of 32
+
+
+@pytest.fixture(autouse=True)
+def no_projection(monkeypatch):
+    monkeypatch.setattr(train, "project_duration", lambda run: None)  # its probe steps are not the run's
+
+
+def common(tiny_data, out, *extra):
+    return [*TINY, "--data-dir", str(tiny_data), "--out-dir", str(out), "--wandb-mode", "disabled", *extra]
+
+
+def signal_at(monkeypatch, steps, signum=signal.SIGTERM):
+    """Deliver `signum` to this process as this process's step number n starts, steps[n] times
+    (steps: a set of step numbers, or {n: times})."""
+    import engine.step
+    real, calls = engine.step.TrainStep.__call__, {"n": 0}
+    times = steps if isinstance(steps, dict) else dict.fromkeys(steps, 1)
+
+    def step(self, images, labels, sam=None):
+        calls["n"] += 1
+        for _ in range(times.get(calls["n"], 0)):
+            os.kill(os.getpid(), signum)
+        return real(self, images, labels, sam)
+
+    monkeypatch.setattr(engine.step.TrainStep, "__call__", step)
+    return calls
+
+
+def assert_same_run(a_dir, b_dir):
+    a = torch.load(a_dir / "last.pt", weights_only=True)
+    b = torch.load(b_dir / "last.pt", weights_only=True)
+    assert (a["epoch"], a["step"], a["batch"]) == (b["epoch"], b["step"], b["batch"])
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][key]["momentum_buffer"])
+    rows = [[{k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(d / "metrics.jsonl")]
+            for d in (a_dir, b_dir)]
+    assert rows[0] == rows[1]  # the same steps and epochs logged, once each, with the same values
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (a_dir, b_dir))
+    assert {k: v for k, v in ra.items() if k != "wall_time_s"} == {k: v for k, v in rb.items() if k != "wall_time_s"}
+
+
+# ---- a signal: finish the step, checkpoint it, exit; resume that step ----------------------------
+
+@pytest.mark.parametrize("stop_at, where", [(9, "epoch 2, batch 3 of 6"), (6, "epoch 1, batch 6 of 6")])
+def test_a_signal_checkpoints_the_step_in_flight_and_the_resumed_run_is_bitwise_the_same(
+        tiny_data, tmp_path, monkeypatch, capsys, stop_at, where):
+    """Step 9 is mid-epoch with a log window half full (--log-every 4); step 6 is an epoch's last step,
+    before its evaluation. Both resume to the weights, momentum, metrics and results of a run never
+    stopped."""
+    args = common(tiny_data, tmp_path, "--epochs", "3", "--log-every", "4")
+    assert train.main([*args, "--name", "whole"]) == 0
+    signal_at(monkeypatch, {stop_at})
+    capsys.readouterr()
+    assert train.main([*args, "--name", "split"]) == 75
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("stopped by")]
+    assert line == (f"stopped by SIGTERM after step {stop_at} ({where}); {tmp_path / 'split' / 'last.pt'} holds that "
+                    f"step. Continue with: python train.py --resume {tmp_path / 'split'}")
+    state = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    assert state["step"] == stop_at and state["batch"] == (stop_at - 1) % 6 + 1
+    monkeypatch.undo()
+    monkeypatch.setattr(train, "project_duration", lambda run: None)
+    assert train.main(["--resume", str(tmp_path / "split")]) == 0
+    assert f"from epoch {(stop_at - 1) // 6}, step {stop_at}, batch {(stop_at - 1) % 6 + 1} of 6" in capsys.readouterr().out
+    assert_same_run(tmp_path / "whole", tmp_path / "split")
+
+
+def test_ctrl_c_checkpoints_too_and_a_second_one_stops_at_once(tiny_data, tmp_path, monkeypatch, capsys):
+    args = common(tiny_data, tmp_path, "--epochs", "3", "--name", "c")
+    signal_at(monkeypatch, {4}, signal.SIGINT)
+    assert train.main(args) == 130
+    assert torch.load(tmp_path / "c" / "last.pt", weights_only=True)["step"] == 4
+    calls = signal_at(monkeypatch, {1: 2}, signal.SIGINT)  # two Ctrl-C as the first step starts
+    assert train.main(["--resume", str(tmp_path / "c")]) == 130
+    assert calls["n"] == 1 and "interrupted in epoch 1, at step 4" in capsys.readouterr().err
+    assert torch.load(tmp_path / "c" / "last.pt", weights_only=True)["step"] == 4  # intact, not half-written
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_signals_from_outside_land_anywhere_and_the_run_resumes_bitwise(tiny_data, tmp_path, signum):
+    """As a cluster sends them: from another process, at times read from the run's own log, twice."""
+    out = tmp_path / "runs"
+    args = [*TINY, "--data-dir", str(tiny_data), "--epochs", "4", "--out-dir", str(out), "--log-every", "1",
+            "--wandb-mode", "offline"]
+    assert run_cli([*args, "--name", "whole"]).returncode == 0
+    for after in (5, 14):
+        log = tmp_path / f"attempt-{after}.log"
+        with open(log, "w") as sink:
+            proc = start_cli([*args, "--name", "split"] + (["--resume"] if after > 5 else []), stdout=sink,
+                             stderr=subprocess.STDOUT)
+        wait_for_step(out / "split" / "metrics.jsonl", after, proc, log=log)
+        proc.send_signal(signum)
+        assert proc.wait(timeout=120) == 75, log.read_text()[-2000:]
+        stopped = [line for line in log.read_text().splitlines() if line.startswith("stopped by")]
+        assert len(stopped) == 1 and signal.Signals(signum).name in stopped[0]
+    assert run_cli([*args, "--name", "split", "--resume"]).returncode == 0
+    assert_same_run(out / "whole", out / "split")
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_rank_stops_at_the_same_step_and_the_run_resumes(tiny_data, tmp_path):
+    """SIGUSR1 to rank 1 only: rank 0 learns of it through the per-step agreement, both stop after the
+    same step, rank 0 checkpoints it (the replicas' BatchNorm statistics averaged), and the resumed
+    run ends with the weights of an uninterrupted one, bitwise (gloo sums in a fixed order)."""
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+            *TINY, "--m-sharpness", "16", "--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "runs"),
+            "--wandb-mode", "disabled", "--epochs", "3", "--log-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = subprocess.run([*base, "--name", "whole"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    log = tmp_path / "split.log"
+    with open(log, "w") as sink:
+        agent = subprocess.Popen([*base, "--name", "split"], cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    wait_for_step(tmp_path / "runs" / "split" / "metrics.jsonl", 8, agent, log=log)
+    workers = [int(p) for p in open(f"/proc/{agent.pid}/task/{agent.pid}/children").read().split()]
+    rank1 = next(p for p in workers if b"RANK=1" in open(f"/proc/{p}/environ", "rb").read().split(b"\0"))
+    os.kill(rank1, signal.SIGUSR1)
+    agent.wait(timeout=120)
+    text = log.read_text()
+    assert text.count("stopped by SIGUSR1 after step") == 1, text[-3000:]  # rank 0 says it, once
+    state = torch.load(tmp_path / "runs" / "split" / "last.pt", weights_only=True)
+    assert 8 <= state["step"] < 18 and state["batch"] > 0
+    resumed = subprocess.run([*base, "--name", "split", "--resume"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(tmp_path / "runs" / "whole" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "runs" / "split" / "last.pt", weights_only=True)
+    for key in a["model"]:
+        if "running" in key:  # averaged once more at the stop: equal up to rounding
+            torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+# ---- time-based checkpoints ---------------------------------------------------------------------
+
+def test_time_based_checkpoints_write_mid_epoch_and_change_nothing(tiny_data, tmp_path, monkeypatch):
+    """--checkpoint-every-min that is due at every step: a checkpoint after each step, atomically,
+    and the run is bitwise the one without them. A kill after one of them resumes from its step."""
+    args = common(tiny_data, tmp_path, "--epochs", "2", "--log-every", "4")
+    assert train.main([*args, "--name", "plain", "--checkpoint-every-min", "0"]) == 0
+    saves = []
+    real_save = train.checkpoint.save_atomic
+    monkeypatch.setattr(train.checkpoint, "save_atomic", lambda state, path: saves.append(
+        (state["step"], state["batch"])) or real_save(state, path))
+    assert train.main([*args, "--name", "often", "--checkpoint-every-min", "1e-9"]) == 0
+    assert saves == [(s, (s - 1) % 6 + 1) for s in range(1, 7)] + [(6, 0)] + \
+        [(s, (s - 1) % 6 + 1) for s in range(7, 13)] + [(12, 0)]
+    assert_same_run(tmp_path / "plain", tmp_path / "often")
+
+
+# ---- --allow-changes: every change it accepts is what the run trains with ---------------------
+
+CHANGE = {"lr": "0.05", "rho": "0.2", "weight_decay": "0.002", "grad_clip": "0.5", "label_smoothing": "0.1"}
+
+
+@pytest.mark.parametrize("setting", sorted(CHANGE))
+def test_an_allowed_change_takes_effect_from_the_resume_step(tiny_data, tmp_path, setting):
+    """A run of 2 epochs extended to 3 with a new value, against a reference whose checkpoint holds
+    the new value everywhere it is recorded (the settings, the optimizer's groups, the schedule's
+    peak) and is resumed unchanged: bitwise the same weights. And not those of a run extended without
+    the change (so the change did something)."""
+    from engine import checkpoint
+    new = float(CHANGE[setting])
+    args = common(tiny_data, tmp_path, "--epochs", "2")
+    assert train.main([*args, "--name", "base"]) == 0
+    for name in ("changed", "reference", "unchanged"):
+        shutil.copytree(tmp_path / "base", tmp_path / name)
+    state = torch.load(tmp_path / "reference" / "last.pt", weights_only=True)
+    state["config"][setting] = new
+    for group in state["optimizer"]["param_groups"]:
+        if setting in ("lr", "rho"):
+            group["initial_lr" if setting == "lr" else "rho"] = new
+    if setting == "lr":
+        state["schedule"]["base_lrs"] = [new for _ in state["schedule"]["base_lrs"]]
+    checkpoint.save_atomic(state, tmp_path / "reference" / "last.pt")
+    flag = "--" + setting.replace("_", "-")
+    assert train.main(["--resume", str(tmp_path / "changed"), "--epochs", "3", flag, CHANGE[setting],
+                       "--allow-changes"]) == 0
+    assert train.main(["--resume", str(tmp_path / "reference"), "--epochs", "3", "--allow-changes"]) == 0
+    assert train.main(["--resume", str(tmp_path / "unchanged"), "--epochs", "3", "--allow-changes"]) == 0
+    weights = {name: torch.load(tmp_path / name / "last.pt", weights_only=True)["model"]
+               for name in ("changed", "reference", "unchanged")}
+    assert all(torch.equal(weights["changed"][k], weights["reference"][k]) for k in weights["changed"])
+    assert not all(torch.equal(weights["changed"][k], weights["unchanged"][k]) for k in weights["changed"])
+    saved = yaml.safe_load((tmp_path / "changed" / "config.yaml").read_text())
+    assert saved[setting] == new and saved["meta"]["changes"][-1]["step"] == 12
+    assert saved["meta"]["changes"][-1]["changes"][setting][1] == new
+
+
+def test_changes_that_would_not_apply_are_refused_even_with_allow_changes(tiny_data, tmp_path, capsys):
+    args = common(tiny_data, tmp_path, "--epochs", "1", "--name", "r")
+    assert train.main(args) == 0
+    before = folder_hashes(tmp_path / "r")
+    for flags in (["--seed", "3"], ["--batch-size", "64"], ["--optimizer", "sgd"], ["--momentum", "0.5"],
+                  ["--sam-start-epoch", "1"], ["--m-sharpness", "8"], ["--augment", "cutout"]):
+        capsys.readouterr()
+        assert train.main(["--resume", str(tmp_path / "r"), "--epochs", "2", "--allow-changes", *flags]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and "only epochs, lr, rho, weight_decay, grad_clip, label_smoothing may change" in err[0]
+    assert folder_hashes(tmp_path / "r") == before
+
+
+def test_a_shorter_schedule_than_what_was_trained_is_refused(tiny_data, tmp_path, capsys):
+    assert train.main(common(tiny_data, tmp_path, "--epochs", "2", "--name", "r")) == 0
+    assert train.main(["--resume", str(tmp_path / "r"), "--epochs", "1", "--allow-changes"]) == 2
+    assert "has trained 2 epochs already" in capsys.readouterr().err
+
+
+# ---- the data a run trained on -------------------------------------------------------------------
+
+def relabelled_copy(src, dst):
+    shutil.copytree(src, dst)
+    path = dst / "cifar-10-batches-py" / "data_batch_1"
+    entry = pickle.load(open(path, "rb"), encoding="latin1")
+    entry["labels"][0] = (entry["labels"][0] + 1) % 10
+    pickle.dump(entry, open(path, "wb"), protocol=2)
+    return dst
+
+
+def test_resuming_on_other_data_is_refused_or_recorded_and_the_original_record_stays(tiny_data, tmp_path,
+                                                                                     monkeypatch, capsys):
+    other = relabelled_copy(tiny_data, tmp_path / "other")
+    signal_at(monkeypatch, {8})
+    assert train.main(common(tiny_data, tmp_path, "--epochs", "2", "--name", "r")) == 75  # stopped at step 8
+    original = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["meta"]["dataset_md5"]
+    before = folder_hashes(tmp_path / "r")
+    monkeypatch.undo()
+    monkeypatch.setattr(train, "project_duration", lambda run: None)
+    capsys.readouterr()
+    assert train.main(["--resume", str(tmp_path / "r"), "--data-dir", str(other)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "(data_batch_1 differ" in err[0] and "--allow-changes" in err[0]
+    assert folder_hashes(tmp_path / "r") == before  # nothing written
+    assert train.main(["--resume", str(tmp_path / "r"), "--data-dir", str(other), "--allow-changes"]) == 0
+    saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert saved["meta"]["dataset_md5"] == original  # what the run started on, never overwritten
+    change = saved["meta"]["changes"][-1]
+    assert change["step"] == 8 and set(change["changes"]["data files"][0]) == {"data_batch_1"}
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert results["dataset_md5"] == original and results["changes"] == saved["meta"]["changes"]
+    # the data it trained on last, in another folder, is no change: only the longer schedule is recorded
+    shutil.copytree(other, tmp_path / "copy")
+    assert train.main(["--resume", str(tmp_path / "r"), "--data-dir", str(tmp_path / "copy"), "--epochs", "3",
+                       "--allow-changes"]) == 0
+    last = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["meta"]["changes"][-1]
+    assert last["changes"] == {"epochs": [2, 3]}
+
+
+# ---- one live process per run folder --------------------------------------------------------------
+
+def folder_hashes(folder):
+    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_second_process_on_a_live_run_stops_at_once_naming_the_holder(tiny_data, tmp_path):
+    args = [*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--name", "live", "--epochs", "1000",
+            "--log-every", "1", "--wandb-mode", "disabled"]
+    log = tmp_path / "first.log"
+    with open(log, "w") as sink:
+        first = start_cli(args, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        wait_for_step(tmp_path / "live" / "metrics.jsonl", 7, first, log=log)  # past its first checkpoint
+        start = time.monotonic()
+        second = run_cli([*args, "--resume"])
+        assert second.returncode == 2 and time.monotonic() - start < 30
+        (line,) = second.stderr.strip().splitlines()[-1:]
+        assert line.startswith(f"error: run folder {tmp_path / 'live'} is in use by process {first.pid} on ")
+        assert run_cli([*args, "--resume", "--check"]).returncode == 2  # --check sees it too
+    finally:
+        first.kill()  # SIGKILL: no clean-up at all
+        first.wait()
+    done = torch.load(tmp_path / "live" / "last.pt", weights_only=True)["epoch"]
+    longer = [*args, "--resume", "--epochs", str(done + 1), "--allow-changes"]
+    assert run_cli([*longer, "--check"]).returncode == 0  # no stale lock after a kill -9
+    resumed = run_cli(longer)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
