@@ -7,7 +7,7 @@ source scripts/lib.sh
 usage() {
     cat <<'USAGE'
 usage: scripts/sweep_m.sh CONFIG [--m "16 32 64 128 256"] [--grid "0.01 0.02 0.05 0.1 0.2 0.5"] [--seed S]
-                          [--gpus 0,1,...] [--out-dir DIR] [--dry-run] [-- TRAIN_FLAGS...]
+                          [--out-dir DIR] [--dry-run] [--launcher ...] [-- TRAIN_FLAGS...]
 
 Trains CONFIG with SAM once per (m, rho): m is --m-sharpness, the number of images that ascend
 (and normalise BatchNorm) together; each m must divide the per-process batch. Reports test error
@@ -21,6 +21,7 @@ MS="16 32 64 128 256"
 GRID="0.01 0.02 0.05 0.1 0.2 0.5"
 SEED=0
 SCRIPT_OPTIONS="--m --grid --seed"
+CONTROLLED="--seed:--seed --rho:--grid --m-sharpness:--m --optimizer:-"
 script_option() {  # OPTION VALUE, for each of SCRIPT_OPTIONS (parse_common)
     case "$1" in
         --m) need_counts --m "$2"; MS=$2 ;;

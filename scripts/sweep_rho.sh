@@ -7,7 +7,7 @@ source scripts/lib.sh
 usage() {
     cat <<'USAGE'
 usage: scripts/sweep_rho.sh CONFIG [--grid "0.01 0.02 0.05 0.1 0.2 0.5"] [--val-split 0.1] [--seed S]
-                            [--gpus 0,1,...] [--out-dir DIR] [--dry-run] [-- TRAIN_FLAGS...]
+                            [--out-dir DIR] [--dry-run] [--launcher ...] [-- TRAIN_FLAGS...]
 
 Trains CONFIG once per rho of the grid (default: the paper's {0.01, 0.02, 0.05, 0.1, 0.2, 0.5})
 with 10% of the training set held out (--val-split), and reports validation accuracy: pick rho
@@ -20,6 +20,7 @@ GRID="0.01 0.02 0.05 0.1 0.2 0.5"
 VAL=0.1
 SEED=0
 SCRIPT_OPTIONS="--grid --val-split --seed"
+CONTROLLED="--seed:--seed --rho:--grid --val-split:--val-split --optimizer:-"
 script_option() {  # OPTION VALUE, for each of SCRIPT_OPTIONS (parse_common)
     case "$1" in
         --grid) need_numbers --grid "$2"; GRID=$2 ;;

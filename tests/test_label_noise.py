@@ -146,14 +146,17 @@ def test_bad_label_noise_settings(tiny_data, tmp_path, capsys, args, message):
     assert not (tmp_path / "runs").exists()
 
 
-def script(*args):
-    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+def script(*args, data):
+    """table4.sh checks every run before any starts, data files included: $SAM_DATA_DIR holds some."""
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "SAM_DATA_DIR": str(data)}
     return subprocess.run(["bash", "scripts/table4.sh", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
 
 
-def test_table4_dry_run_lists_every_cell_and_bootstraps_from_stage_one():
-    lines = script("--dry-run").stdout.strip().splitlines()
+def test_table4_dry_run_lists_every_cell_and_bootstraps_from_stage_one(tiny_data):
+    result = script("--dry-run", data=tiny_data)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
     names = [line.split("--name ")[1].split()[0] for line in lines]
     assert len(lines) == 4 * 3 * (1 + 1 + 4 + 1 + 4) and len(set(names)) == len(names)
     for level in ("0.2", "0.4", "0.6", "0.8"):

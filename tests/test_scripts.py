@@ -18,6 +18,15 @@ TINY = ["--model", "wrn10_1", "--batch-size", "32", "--epochs", "1", "--device",
 TINY_SUFFIX = "+model=wrn10_1+batch-size=32+epochs=1"  # what TINY adds to a run's name
 
 
+@pytest.fixture(scope="module", autouse=True)
+def data_for_the_checks(tmp_path_factory):
+    """The scripts check every run before any starts, data files included: $SAM_DATA_DIR holds some."""
+    folder = write_cifar10(tmp_path_factory.mktemp("script_data"), per_batch=20)
+    os.environ["SAM_DATA_DIR"] = str(folder)
+    yield folder
+    os.environ.pop("SAM_DATA_DIR", None)
+
+
 def script(name, *args, env_extra=None):
     env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "WANDB_SILENT": "true",
            **(env_extra or {})}
@@ -47,7 +56,8 @@ def test_dry_run_of_the_m_sweep_lists_m_by_rho():
 
 def test_run_names_carry_the_experiment_flags_given_after_the_double_dash():
     lines = script("seeds.sh", "configs/resnet18_sam.yaml", "--seeds", "1", "--dry-run", "--", "--model", "wrn16_8",
-                   "--data-dir", "/data", "--lr=0.2", "--adaptive", "--wandb-mode", "offline").stdout.split()
+                   "--data-dir", os.environ["SAM_DATA_DIR"], "--lr=0.2", "--adaptive", "--wandb-mode",
+                   "offline").stdout.split()
     assert lines[lines.index("--name") + 1] == "resnet18_sam-seed0+model=wrn16_8+lr=0.2+adaptive"
     assert lines[lines.index("--wandb-group") + 1] == "seeds-resnet18_sam+model=wrn16_8+lr=0.2+adaptive"
 
@@ -115,7 +125,7 @@ def test_script_options_are_checked(name, args, message):
 
 
 @pytest.mark.slow
-def test_queue_runs_reports_failures_skips_finished_and_resumes(tmp_path):
+def test_queue_checks_every_run_first_reports_failures_skips_finished_and_resumes(tmp_path):
     data = write_cifar10(tmp_path / "data", per_batch=20)
     out = tmp_path / "runs"
     seed0, seed1 = (f"resnet18_sam-seed{s}{TINY_SUFFIX}" for s in (0, 1))
@@ -123,20 +133,25 @@ def test_queue_runs_reports_failures_skips_finished_and_resumes(tmp_path):
     (out / seed1 / "last.pt").write_bytes(b"not a checkpoint")  # an interrupted run, broken
     args = ["configs/resnet18_sam.yaml", "--seeds", "2", "--out-dir", str(out), "--", *TINY,
             "--data-dir", str(data)]
-    first = script("seeds.sh", *args)
-    assert first.returncode == 1
-    assert "finished: 1 run(s), skipped (already finished): 0, failed: 1" in first.stdout
-    assert f"failed: {seed1}" in first.stdout
-    assert (out / seed0 / "results.json").is_file()
-    # fix the broken run: the re-run skips the finished one and starts this one afresh
+    first = script("seeds.sh", *args)  # the check finds it before any run starts
+    assert first.returncode == 2 and first.stdout == ""
+    assert first.stderr.startswith(f"error: {seed1}: --resume: ") and "not a readable train.py checkpoint" in first.stderr
+    assert [p.name for p in out.iterdir()] == [seed1] and [p.name for p in (out / seed1).iterdir()] == ["last.pt"]
+    # a failure only a run can meet: its metrics file cannot be written (a folder in its place)
     (out / seed1 / "last.pt").unlink()
+    (out / seed1 / "metrics.jsonl").mkdir()
     second = script("seeds.sh", *args)
-    assert second.returncode == 0, second.stdout + second.stderr
-    assert f"skip {seed0} (finished)" in second.stdout
-    assert "finished: 1 run(s), skipped (already finished): 1, failed: 0" in second.stdout
+    assert second.returncode == 1
+    assert "finished: 1 run(s), skipped (already finished): 0, failed: 1" in second.stdout
+    assert f"failed: {seed1}" in second.stdout and (out / seed0 / "results.json").is_file()
+    (out / seed1 / "metrics.jsonl").rmdir()
+    third = script("seeds.sh", *args)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert f"skip {seed0} (finished)" in third.stdout
+    assert "finished: 1 run(s), skipped (already finished): 1, failed: 0" in third.stdout
     assert (out / seed1 / "results.json").is_file()
     log = (out / seed1 / "stdout.log").read_text()  # the retry kept the failed attempt's log
-    assert log.count("=== ") == 2 and "not a readable train.py checkpoint" in log
+    assert log.count("=== ") == 2 and "metrics.jsonl" in log
 
 
 @pytest.mark.slow
@@ -209,9 +224,9 @@ def test_summarize_means_and_intervals(tmp_path, capsys):
     assert summarize.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     # SGD: mean 4.00, s = 1.00, t(2) = 4.303: 4.303 / sqrt(3) = 2.48
-    assert "| cifar10 | wrn28_10 | basic | SGD | - | - | 3 | 4.00 ± 2.48 |" in out
+    assert "| cifar10 | wrn28_10 | basic | SGD | - | - | ? | 3 | - | 4.00 ± 2.48 | - |" in out
     # SAM: mean 2.50, s = 0.5774, t(3) = 3.182: 3.182 * 0.5774 / 2 = 0.92
-    assert "| cifar10 | wrn28_10 | basic | SAM | 0.05 | - | 4 | 2.50 ± 0.92 |" in out
+    assert "| cifar10 | wrn28_10 | basic | SAM | 0.05 | - | ? | 4 | - | 2.50 ± 0.92 | - |" in out
     # Welch: se^2 = 1/3 + 1/12 = 0.4167, df = 0.4167^2 / ((1/3)^2/2 + (1/12)^2/3) = 2.9 -> t(2)
     se = math.sqrt(1 / 3 + 1 / 12)
     assert f"| cifar10 | wrn28_10 | basic | 0.05 | - | None (of None) | 4.00 ± 2.48 | 1.50 ± {4.303 * se:.2f} |" in out
@@ -231,7 +246,7 @@ def test_summarize_takes_the_better_sgd_length_as_the_baseline(tmp_path, capsys)
     assert summarize.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     # SGD 400: 3.6, 3.7; SAM: 3.0, 3.1; Welch: se = sqrt(0.005/2 * 2) = 0.0707, df 2, t 4.303: 0.30
-    assert "| cifar10 | wrn28_10 | basic | 0.05 | epochs=200 | 400 (of 200/400) | 3.65 ± 0.64 | 0.60 ± 0.30 |" in out
+    assert "| cifar10 | wrn28_10 | basic | 0.05 | - | 400 (of 200/400) | 3.65 ± 0.64 | 0.60 ± 0.30 |" in out
 
 
 def test_summarize_never_pools_different_experiments_and_counts_each_seed_once(tmp_path, capsys):
@@ -245,8 +260,8 @@ def test_summarize_never_pools_different_experiments_and_counts_each_seed_once(t
                       settings={**settings, "epochs": 1, "label_noise": 0.0})
     assert summarize.main([str(tmp_path)]) == 0
     captured = capsys.readouterr()
-    assert "| cifar10 | wrn28_10 | basic | SAM | 0.05 | epochs=1 | 1 | 5.00 |" in captured.out
-    assert "| cifar10 | wrn28_10 | basic | SAM | 0.05 | epochs=2 | 1 | 3.00 |" in captured.out
+    assert "| cifar10 | wrn28_10 | basic | SAM | 0.05 | epochs=1 | ? | 1 | - | 5.00 | - |" in captured.out
+    assert "| cifar10 | wrn28_10 | basic | SAM | 0.05 | epochs=2 | ? | 1 | - | 3.00 | - |" in captured.out
     assert "seed 0 appears twice" in captured.err and "counted once" in captured.err
     assert "mix code versions (git commits)" not in captured.err  # the duplicate was dropped before the check
 
