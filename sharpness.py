@@ -28,7 +28,9 @@ from analysis.landscape import along, filter_normalised_direction, interpolate
 from analysis.m_sharpness import m_sharpness
 from data import DataError, load_cifar
 from engine import checkpoint
-from engine.tracker import has_wandb_credentials, wandb_mode
+from engine.config import ConfigError, OneLineParser
+from engine.step import resolve_device
+from engine.tracker import has_wandb_credentials, wandb_dir, wandb_mode
 from sam import frozen_bn_stats
 
 
@@ -37,7 +39,8 @@ class InputError(Exception):
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python sharpness.py", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", nargs="?", help="run folder or checkpoint")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="measure two runs and draw them together")
     p.add_argument("--hessian", type=int, default=0, metavar="K", help="the K largest Hessian eigenvalues (Lanczos)")
@@ -58,7 +61,7 @@ def parse(argv):
                                                                          "(train) statistics")
     p.add_argument("--seed", type=int, default=0, help="seed of the images, directions and start vectors")
     p.add_argument("--data-dir", help="the data folder, if not the run's")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--out", help="folder for sharpness.json and the plots (default: the run folder)")
     p.add_argument("--wandb-mode", choices=("online", "offline", "disabled"), help="default: as the run")
     args = p.parse_args(argv)
@@ -69,6 +72,8 @@ def parse(argv):
         raise InputError("nothing to measure: add --hessian K, --density, --m-sharpness M or --landscape")
     if "interp" in args.landscape and not args.compare:
         raise InputError("--landscape interp draws the line between two runs: add --compare RUN_A RUN_B")
+    if args.compare and not args.out:
+        raise InputError("--compare needs --out DIR for the shared figures")
     for name, value, low in (("--hessian", args.hessian, 0), ("--batches", args.batches, 1),
                              ("--density-runs", args.density_runs, 1), ("--density-steps", args.density_steps, 2),
                              ("--batch-size", args.batch_size, 1), ("--m-sharpness", args.m_sharpness, 0)):
@@ -80,6 +85,18 @@ def parse(argv):
         raise InputError(f"--rho must be in (0, 100), got {args.rho}")
     if args.points is not None and not 3 <= args.points <= 201:
         raise InputError(f"--points must be in [3, 201], got {args.points}")
+    if not 0 < args.span < 1000:  # false for nan too
+        raise InputError(f"--span must be a number in (0, 1000), got {args.span}")
+    if args.seed < 0:
+        raise InputError(f"--seed must be >= 0, got {args.seed}")
+    if args.density_runs > 1000 or args.density_steps > 10000 or args.hessian > 1000:
+        raise InputError("--hessian, --density-runs and --density-steps are limited to 1000, 1000 and 10000")
+    if args.compare and Path(checkpoint.find(args.compare[0])).resolve() == Path(checkpoint.find(args.compare[1])).resolve():
+        raise InputError(f"--compare needs two different runs, got {args.compare[0]} twice")
+    try:
+        args.device = resolve_device(args.device)
+    except ConfigError as e:
+        raise InputError(str(e)) from None
     return args, runs
 
 
@@ -204,7 +221,7 @@ def log_to_wandb(m, results, images, args):
         mode = "offline"
     import wandb
     run = wandb.init(project=m.config.get("wandb_project"), entity=m.config.get("wandb_entity"),
-                     id=m.state["wandb_id"], resume="allow", mode=mode, dir=str(m.dir))
+                     id=m.state["wandb_id"], resume="allow", mode=mode, dir=str(wandb_dir(m.dir)))
     run.summary.update({f"sharpness/{k}": v for k, v in results.items() if isinstance(v, (int, float))})
     if "m_sharpness" in results:
         run.summary["sharpness/m_sharpness"] = results["m_sharpness"]["value"]
@@ -216,9 +233,13 @@ def main(argv=None):
     try:
         args, runs = parse(argv)
         measured = [Measured(run, args) for run in runs]
-        out_dir = Path(args.out) if args.out else (measured[0].dir if len(measured) == 1 else None)
-        if out_dir is None:
-            raise InputError("--compare needs --out DIR for the shared figures")
+        if len(measured) == 2 and measured[0].name == measured[1].name:  # runs/a/x and runs/b/x
+            for m in measured:
+                m.name = str(m.dir)
+        if "interp" in args.landscape and [p.shape for p in measured[0].params] != [p.shape for p in measured[1].params]:
+            raise InputError(f"--landscape interp needs two runs of one model; got {measured[0].config['model']} and "
+                             f"{measured[1].config['model']}")
+        out_dir = Path(args.out) if args.out else measured[0].dir
         out_dir.mkdir(parents=True, exist_ok=True)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -238,7 +259,7 @@ def main(argv=None):
     document = {"settings": {k: getattr(args, k) for k in ("batches", "batch_size", "bn", "seed", "span")},
                 **(results[measured[0].name] if len(measured) == 1 else {"runs": results}),
                 **({"interpolation": interp} if interp else {})}
-    (out_dir / "sharpness.json").write_text(json.dumps(document, indent=2) + "\n")
+    checkpoint.atomic_write(out_dir / "sharpness.json", (json.dumps(document, indent=2) + "\n").encode())
     for m in measured:
         log_to_wandb(m, results[m.name], images, args)
     for name, r in results.items():

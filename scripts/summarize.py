@@ -3,9 +3,13 @@
 
 Runs are grouped by every setting that changes the result (results.json "settings"; all but
 the seed), so runs of different experiments are never pooled. Within a group each seed counts
-once, and a warning names groups that mix code versions or data. SAM is compared with SGD as
-the paper did (Section 3.1): SGD trained for the same epochs and for twice as many
-(scripts/sgd_vs_sam.sh runs both), and the better of them is the baseline; the table says which.
+once, and a warning names groups that mix code versions or data. Each row shows every setting in
+which it differs from the paper's protocol (a 2-epoch smoke run says so), whether its data is the
+official CIFAR release, the forward-backward passes per step it spent (2 for SAM, 1 for SGD, between
+for late-phase or randomized SAM), and the paper's Table 1 value where the row is that cell. SAM is
+compared with SGD as the paper did (Section 3.1): SGD trained for the same epochs and for twice as
+many (scripts/sgd_vs_sam.sh runs both), and the better of them is the baseline; the table says which.
+A results.json that cannot be read as a finished run is skipped with a warning naming it.
 
     python scripts/summarize.py runs/                       # results.json files below runs/
     python scripts/summarize.py --wandb-group table1-wrn28-10-basic --wandb-project sam-cifar
@@ -21,13 +25,22 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine.config import SAM_ONLY  # noqa: E402
+from engine.config import SAM_ONLY, SETTINGS, OneLineParser, shown  # noqa: E402
+from engine.tracker import has_wandb_credentials  # noqa: E402
 
 # Two-sided 95% Student t quantiles t_{0.975, df}; beyond the table, the normal value.
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
         2.045, 2.042]
 KEY = ("dataset", "model", "augment", "optimizer", "rho")  # the table's own columns
+# What "auto" becomes on the paper's hardware path (a GPU): a row shows precision or loader only otherwise.
+RESOLVED = {"precision": "bf16", "loader": "device"}
+# Foret et al. 2021, Table 1, WRN-28-10 (200 epochs; SGD: the better of 200 and 400): test error (%).
+PAPER_TABLE1 = {("cifar10", "basic"): ("3.5 ± 0.1", "2.7 ± 0.1"), ("cifar10", "cutout"): ("2.6 ± 0.1", "2.3 ± 0.1"),
+                ("cifar10", "autoaugment"): ("2.3 ± 0.1", "2.1 ± <0.1"),
+                ("cifar100", "basic"): ("18.8 ± 0.2", "16.5 ± 0.1"), ("cifar100", "cutout"): ("16.9 ± 0.1", "14.9 ± 0.2"),
+                ("cifar100", "autoaugment"): ("15.8 ± 0.2", "13.6 ± 0.2")}
+PAPER_RHO = {"cifar10": 0.05, "cifar100": 0.1}
 
 
 def t975(df):
@@ -61,30 +74,55 @@ def warn(message):
     print(f"warning: {message}", file=sys.stderr)
 
 
+def problem(result, metric):
+    """Why `result` is not a finished run's record, or None."""
+    if not isinstance(result, dict):
+        return f"it holds a {type(result).__name__}, not a mapping"
+    error = result.get(f"{metric}_test_error")
+    if isinstance(error, bool) or not isinstance(error, (int, float)):
+        return f"{metric}_test_error is {error!r}, not a number"
+    if not 0 <= error <= 1:  # false for nan too
+        return f"{metric}_test_error is {error!r}, not an error rate in [0, 1]"
+    settings = result.get("settings", {k: result.get(k) for k in KEY})
+    if not isinstance(settings, dict):
+        return "its settings are not a mapping"
+    for key in ("dataset", "model", "augment", "optimizer"):
+        if not isinstance(settings.get(key), str):
+            return f"its {key} is {settings.get(key)!r}"
+    if not isinstance(settings.get("rho"), (int, float)) or isinstance(settings.get("rho"), bool):
+        return f"its rho is {settings.get('rho')!r}"
+    if "seed" in result and (isinstance(result["seed"], bool) or not isinstance(result["seed"], int)):
+        return f"its seed is {result['seed']!r}"
+    return None
+
+
 def run_record(result, metric, where):
     """One run: its settings (all that change the result, seed apart), seed, error, provenance."""
     settings = dict(result.get("settings") or {k: result.get(k) for k in KEY})
     settings.pop("seed", None)
     if settings.get("relabel_from"):  # each seed bootstraps from its own run: the setting is "bootstrapped"
         settings["relabel_from"] = "bootstrap"
+    passes = result.get("passes_per_step")
     return {"settings": settings, "seed": result.get("seed"), "error": 100 * result[f"{metric}_test_error"],
             "commit": result.get("git_commit"), "data": json.dumps(result.get("dataset_md5"), sort_keys=True),
-            "where": where}
+            "official": result.get("dataset_official"), "where": where,
+            "passes": passes if isinstance(passes, (int, float)) and not isinstance(passes, bool) else None}
 
 
 def from_folders(folders, metric):
     runs = []
     for folder in folders:
-        if not Path(folder).is_dir():
-            warn(f"{folder} is not a folder; skipped")
         for path in sorted(Path(folder).rglob("results.json")):
             try:
                 result = json.loads(path.read_text())
             except (OSError, ValueError) as e:
-                warn(f"{path} is unreadable ({e}); skipped")
+                warn(f"{path} is unreadable ({type(e).__name__}); skipped")
                 continue
-            if result.get(f"{metric}_test_error") is not None:
-                runs.append(run_record(result, metric, str(path.parent)))
+            why = problem(result, metric)
+            if why:
+                warn(f"{path} is not a finished run's record ({why}); skipped")
+                continue
+            runs.append(run_record(result, metric, str(path.parent)))
     return runs
 
 
@@ -95,11 +133,14 @@ def from_wandb(group, sweep, project, entity, metric):
     runs = []
     for run in wandb.Api().runs(path, filters=filters):
         summary = dict(run.summary)
-        if summary.get(f"{metric}_test_error") is not None:
-            summary.setdefault("seed", run.config.get("seed"))
-            for k in KEY:
-                summary.setdefault(k, run.config.get(k))
-            runs.append(run_record(summary, metric, run.url))
+        summary.setdefault("seed", run.config.get("seed"))
+        for k in KEY:
+            summary.setdefault(k, run.config.get(k))
+        why = problem(summary, metric)
+        if why:
+            warn(f"W&B run {run.url} is not a finished run's record ({why}); skipped")
+            continue
+        runs.append(run_record(summary, metric, run.url))
     return runs
 
 
@@ -133,25 +174,55 @@ def describe(frozen):
     return ", ".join(f"{k}={v}" for k, v in frozen.items() if k in KEY)
 
 
+def protocol_differences(settings):
+    """The settings of a row that differ from the paper's protocol (the defaults), beyond its columns."""
+    def paper(k):
+        return RESOLVED[k] if k in RESOLVED else SETTINGS[k].default if k in SETTINGS else None
+    return {k: v for k, v in settings.items() if k not in (*KEY, "seed") and v != paper(k)}
+
+
+def paper_value(s, other):
+    """The paper's Table 1 error for the row's cell, when the row is that cell: its WRN-28-10, its rho,
+    nothing else changed (SGD may run twice as long)."""
+    cell = PAPER_TABLE1.get((s.get("dataset"), s.get("augment")))
+    if not cell or s.get("model") != "sam_wrn28_10":
+        return "-"
+    if s.get("optimizer") == "sgd" and other in ({}, {"epochs": 400}):
+        return cell[0]
+    if s.get("optimizer") == "sam" and not other and s.get("rho") == PAPER_RHO[s["dataset"]]:
+        return cell[1]
+    return "-"
+
+
 def table(runs):
     groups = group_runs(runs)
     settings = {key: {k: json.loads(v) for k, v in key} for key in groups}
-    # Settings beyond the table's columns that tell some groups apart get a column of their own.
-    varying = sorted({k for s in settings.values() for k in s if k not in KEY
-                      and len({json.dumps(t.get(k)) for t in settings.values()}) > 1})
     order = sorted(groups, key=lambda g: (*(str(settings[g].get(k)) for k in KEY[:3]), settings[g].get("optimizer")
                                           != "sgd", str(settings[g].get("rho")), json.dumps(settings[g])))
 
     def other(g):
-        return ", ".join(f"{k}={settings[g].get(k)}" for k in varying) or "-"
+        return ", ".join(f"{k}={shown(v)}" for k, v in protocol_differences(settings[g]).items()) or "-"
 
-    lines = ["| dataset | model | augmentation | optimizer | rho | other settings | seeds | test error (%) |",
-             "|---|---|---|---|---|---|---|---|"]
+    def data(g):
+        official = {r["official"] for r in groups[g]}
+        return "official" if official == {True} else "NOT official" if False in official else "?"
+
+    def passes(g):
+        values = [r["passes"] for r in groups[g] if r["passes"] is not None]
+        return f"{sum(values) / len(values):.2f}" if len(values) == len(groups[g]) else "-"
+
+    lines = ["| dataset | model | augmentation | optimizer | rho | other settings (vs the paper's) | data | seeds | "
+             "passes/step | test error (%) | paper (%) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in order:
         s, errors = settings[g], [r["error"] for r in groups[g]]
         rho = "-" if s.get("optimizer") == "sgd" else f"{s.get('rho'):g}"
         lines.append(f"| {s.get('dataset')} | {s.get('model')} | {s.get('augment')} | {str(s.get('optimizer')).upper()}"
-                     f" | {rho} | {other(g)} | {len(errors)} | {fmt(*mean_ci(errors))} |")
+                     f" | {rho} | {other(g)} | {data(g)} | {len(errors)} | {passes(g)} | {fmt(*mean_ci(errors))} | "
+                     f"{paper_value(s, protocol_differences(s))} |")
+    if any(data(g) != "official" for g in groups):
+        lines += ["", "data: NOT official means the files differ from the official CIFAR release (by checksum; e.g. "
+                      "the JPEG pack): errors are not comparable with the paper's. ?: not recorded."]
+
     def baseline_key(g):  # what a SAM run and its SGD baseline share: all but the optimizer and the length
         return {k: v for k, v in settings[g].items() if k not in ("optimizer", "epochs", *SAM_ONLY)}
 
@@ -219,7 +290,8 @@ def table4(runs):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python scripts/summarize.py", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folders", nargs="*", help="folders searched for results.json files")
     p.add_argument("--metric", choices=("final", "best"), default="final",
                    help="final-epoch error (as the paper reports) or the best epoch's")
@@ -231,11 +303,25 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.folders and not (args.wandb_group or args.wandb_sweep):
         p.error("give result folders, --wandb-group or --wandb-sweep")
+    missing = [f for f in args.folders if not Path(f).is_dir()]
+    if missing:
+        p.error(f"{missing[0]} is not a folder; give the folders that hold the runs")
+    if (args.wandb_group or args.wandb_sweep) and not has_wandb_credentials():
+        p.error("reading W&B needs credentials: run `wandb login` or set WANDB_API_KEY (or summarise run folders)")
     runs = from_folders(args.folders, args.metric) if args.folders else []
     if args.wandb_group or args.wandb_sweep:
-        runs += from_wandb(args.wandb_group, args.wandb_sweep, args.wandb_project, args.wandb_entity, args.metric)
+        try:
+            runs += from_wandb(args.wandb_group, args.wandb_sweep, args.wandb_project, args.wandb_entity, args.metric)
+        except Exception as e:  # the network, a project that does not exist: W&B's own error, in one line
+            print(f"error: reading W&B failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); check "
+                  f"--wandb-project/--wandb-entity and the network", file=sys.stderr)
+            return 2
     if not runs:
         print("error: no finished runs found (results.json); check the folders or the W&B group", file=sys.stderr)
+        return 2
+    if args.table4 and not any(r["settings"].get("label_noise") in LEVELS for r in runs):
+        print(f"error: --table4: none of the {len(runs)} runs has label noise 0.2, 0.4, 0.6 or 0.8; run "
+              f"scripts/table4.sh, or drop --table4", file=sys.stderr)
         return 2
     print(table4(runs) if args.table4 else table(runs))
     return 0
