@@ -113,6 +113,7 @@ def main(argv=None):
         return 2
     except KeyboardInterrupt:
         return 130
+    data.warn()
     results = {name: evaluate_loader(model, loader, runtime.autocast, data.num_classes)
                for name, loader in loaders.items()}
     report(results, config, state, path)

@@ -114,6 +114,7 @@ class Measured:
         try:
             data = load_cifar(self.config["dataset"], args.data_dir or self.config.get("data_dir"))
             self.batches = training_batches(data, self.config, args.batches, args.batch_size, args.seed, device)
+            self.data_note = data.note
         except (DataError, ValueError) as e:
             raise InputError(f"{e}") from None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -248,6 +249,8 @@ def main(argv=None):
         print(f"error: cannot write the output folder ({e.strerror}: {e.filename}); choose another --out",
               file=sys.stderr)
         return 2
+    for note in dict.fromkeys(m.data_note for m in measured if m.data_note):
+        print(note, file=sys.stderr)
     results = {m.name: measure(m, args) for m in measured}
     interp = None
     if "interp" in args.landscape:

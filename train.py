@@ -137,6 +137,9 @@ def resolve(parsed):
         raise ConfigError("W&B online mode needs credentials and we never prompt: run `wandb login` or set "
                           "WANDB_API_KEY, or use --wandb-mode offline")
     finished = state is not None and state["epoch"] >= config["epochs"] and (run_dir / "results.json").exists()
+    if finished and changes:
+        raise ConfigError(f"run {run_dir} is finished ({state['epoch']} epochs), so {describe(changes)} would change "
+                          f"nothing; give a longer --epochs to train on with it, or drop it")
     if not finished:
         check_writable(run_dir)
         if rank == 0 and checkpoint.holder(run_dir):
@@ -214,6 +217,7 @@ def prepare(parsed):
             run.lock.release()
             raise ConfigError(f"{run_dir / 'last.pt'} changed while this process started (another process is "
                               f"training this run); run the command again to continue from it")
+        data.warn()  # files that are not the official release: said once everything else is fine
     return run
 
 

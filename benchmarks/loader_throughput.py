@@ -25,6 +25,7 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     data = load_cifar("cifar10", args.data_dir)
+    data.warn()
     print(f"device {device}, batch {args.batch_size}, {args.batches} batches, {args.workers} workers, "
           f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}")
     rows = []

@@ -28,6 +28,12 @@ class CifarData:
     test_labels: np.ndarray
     num_classes: int
     fingerprint: dict          # dataset, official (bool), md5 per file
+    note: str = None           # a warning line when the files are not the official release: callers print
+                               # it once they start for real (bad input stays one error line)
+
+    def warn(self):
+        if self.note:
+            print(self.note, file=sys.stderr)
 
 
 def default_data_dir():
@@ -79,14 +85,13 @@ def load_cifar(dataset, data_dir=None, download=False):
     train = [_read_batch(folder / name, label_key) for name, _ in release.train_list]
     test = [_read_batch(folder / name, label_key) for name, _ in release.test_list]
     fingerprint = _fingerprint(dataset, folder, release)
-    if not fingerprint["official"]:
-        print(f"warning: {dataset} files in {folder} do not match the official checksums "
-              f"(mismatched: {', '.join(fingerprint['mismatched'])}); accuracies are not comparable "
-              f"with results on the official release", file=sys.stderr)
+    note = None if fingerprint["official"] else (
+        f"warning: {dataset} files in {folder} do not match the official checksums (mismatched: "
+        f"{', '.join(fingerprint['mismatched'])}); accuracies are not comparable with results on the official release")
     return CifarData(
         train_images=np.concatenate([b[0] for b in train]), train_labels=np.concatenate([b[1] for b in train]),
         test_images=np.concatenate([b[0] for b in test]), test_labels=np.concatenate([b[1] for b in test]),
-        num_classes=num_classes, fingerprint=fingerprint)
+        num_classes=num_classes, fingerprint=fingerprint, note=note)
 
 
 def _read_batch(path, label_key):

@@ -16,6 +16,8 @@ def test_loads_synthetic_official_layout(synthetic_cifar, capsys):
     assert data.train_labels.dtype == np.int64 and set(data.train_labels) == set(range(10))
     assert data.fingerprint["official"] is False
     assert len(data.fingerprint["md5"]["data_batch_1"]) == 32
+    assert capsys.readouterr().err == ""  # the note waits until the caller starts for real
+    data.warn()
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "official checksums" in err
 
