@@ -15,6 +15,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import yaml
 
@@ -442,7 +443,7 @@ def default_name(config):
     same command always finds its own. Past 200 bytes, the +parts become one digest of them."""
     rho = f"-rho{shown(config['rho'])}" if config["optimizer"] == "sam" else ""
     name = f"{config['model']}-{config['dataset']}-{config['augment']}-{config['optimizer']}{rho}-seed{config['seed']}"
-    extra = "".join(f"+{k}={shown(v)}".replace("/", "_") for k, v in differences(config).items())
+    extra = "".join(f"+{k}={quote(shown(v), safe='')}" for k, v in differences(config).items())  # '/' -> %2F
     if len((name + extra).encode()) > 200:
         extra = "+" + hashlib.sha256(extra.encode()).hexdigest()[:12]
     return name + extra

@@ -178,7 +178,8 @@ def protocol_differences(settings):
     """The settings of a row that differ from the paper's protocol (the defaults), beyond its columns."""
     def paper(k):
         return RESOLVED[k] if k in RESOLVED else SETTINGS[k].default if k in SETTINGS else None
-    return {k: v for k, v in settings.items() if k not in (*KEY, "seed") and v != paper(k)}
+    order = [*[k for k in SETTINGS if k in settings], *sorted(k for k in settings if k not in SETTINGS)]
+    return {k: settings[k] for k in order if k not in (*KEY, "seed") and settings[k] != paper(k)}
 
 
 def paper_value(s, other):

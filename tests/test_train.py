@@ -460,27 +460,72 @@ def test_out_dir_under_a_file_is_one_line_exit_2(tiny_data, tmp_path, capsys):
     assert "not a writable folder" in one_line_error(capsys)
 
 
+def full_disk_at(monkeypatch, write):
+    """The disk fills during the `write`-th atomic write of a checkpoint: its bytes are written, then
+    the file system refuses them (as fsync reports a full disk)."""
+    import engine.checkpoint
+    real_fsync, seen = os.fsync, {"n": 0}
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("last.pt.tmp"):
+            seen["n"] += 1
+            if seen["n"] == write:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(engine.checkpoint.os, "fsync", fsync)
+
+
 def test_a_full_disk_leaves_no_partial_file_and_the_last_checkpoint_intact(tiny_data, tmp_path, capsys,
                                                                             monkeypatch):
     common = [*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--name", "full",
               "--wandb-mode", "disabled", "--epochs", "3"]
-    real_save, saves = torch.save, {"n": 0}
-
-    def save(obj, f, *args, **kwargs):
-        saves["n"] += 1
-        if saves["n"] == 2:  # the second epoch's checkpoint: the disk fills half way through
-            f.write(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(train, "project_duration", lambda run: None)
+    full_disk_at(monkeypatch, 2)  # the second epoch's checkpoint
     assert main_code(common) == 1
     line = one_line_error(capsys)
-    assert "No space left on device" in line and "(epoch 1) is intact" in line and "--resume" in line
+    assert re.search(r"No space left on device: the disk holding \S+full has [0-9]+ [KM]iB free, and the write "
+                     r"needed [0-9]+ [KM]iB; the last good checkpoint \S+ \(epoch 1\) is intact; free space", line), line
+    assert line.endswith(f"then continue with: python train.py --resume {tmp_path / 'full'}")
     assert not (tmp_path / "full" / "last.pt.tmp").exists()
     assert torch.load(tmp_path / "full" / "last.pt", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.undo()
     assert train.main(["--resume", str(tmp_path / "full")]) == 0  # space is back: it continues
+
+
+def test_a_disk_full_before_the_first_checkpoint_says_to_run_the_command_again(tiny_data, tmp_path, capsys,
+                                                                               monkeypatch):
+    common = [*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--name", "full",
+              "--wandb-mode", "disabled", "--epochs", "2"]
+    monkeypatch.setattr(train, "project_duration", lambda run: None)
+    full_disk_at(monkeypatch, 1)
+    assert main_code(common) == 1
+    line = one_line_error(capsys)
+    assert "nothing was checkpointed" in line and "--resume" not in line and line.endswith("run the same command again")
+    assert not (tmp_path / "full" / "last.pt").exists() and not (tmp_path / "full" / "last.pt.tmp").exists()
+    monkeypatch.undo()
+    assert train.main(common) == 0  # the same command again: it starts over in its folder
+
+
+def test_a_torn_or_binary_line_in_metrics_does_not_stop_a_resume(tiny_data, tmp_path, monkeypatch):
+    common = [*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--name", "b", "--wandb-mode",
+              "disabled"]
+    monkeypatch.setattr(train, "project_duration", lambda run: None)
+    assert train.main([*common, "--epochs", "1"]) == 0
+    with open(tmp_path / "b" / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 99, "kind": "st\xff\xfe\n\x00\x01{"step"')
+    assert train.main([*common, "--epochs", "2", "--resume", "--allow-changes"]) == 0
+    rows = read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [2, 4, 6, 6, 8, 10, 12, 12]
+
+
+def test_ctrl_c_while_starting_is_one_line_and_writes_nothing(tiny_data, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "load_cifar", interrupted)
+    assert main_code([*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "runs")]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted while starting: no step was taken"
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow

@@ -1,0 +1,245 @@
+"""The properties that decide results, each tested directly against an independent reference, so
+that the bug that breaks one cannot pass unseen (issue 31's survivors and their classes):
+what a step reports, BatchNorm statistics through a step, the weight decay counted once, the
+normalising statistics, the data order of each epoch, every stage's output size, and residual blocks."""
+
+import contextlib
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import write_cifar10
+from data import build_loaders, load_cifar
+from engine.config import parse_config
+from engine.groups import GroupGradients
+from engine.step import TrainStep, build_training, resolve_runtime
+from models import build_model
+from models.resnet import BasicBlock, _JiangBlock
+from models.wide_resnet import PreActBlock, SamBlock
+from sam import SAM
+
+
+def bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 8 * 8, 3)).double()
+
+
+def batch(n=16):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def step_of(model, sam=True, groups=None, **kwargs):
+    base = dict(lr=0.1, momentum=0.9)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, **base) if sam else torch.optim.SGD(model.parameters(), **base)
+    grouped = None
+    if groups:
+        grouped = (groups[0], GroupGradients(model, nn.CrossEntropyLoss(), contextlib.nullcontext, groups[1]))
+    return TrainStep(model, model, opt, nn.CrossEntropyLoss(), sam=sam, autocast=contextlib.nullcontext,
+                     groups=grouped, **kwargs)
+
+
+# ---- what a step reports: the first pass, at w ---------------------------------------------------
+
+@pytest.mark.parametrize("groups", [None, (2, "vmap"), (2, "loop")], ids=["whole", "vmap", "loop"])
+def test_a_step_reports_the_loss_and_accuracy_at_w_not_at_w_plus_e(groups):
+    """rho 0.5 moves the loss at w + e well away from the loss at w: a step that reported its second
+    pass would be off by far more than the float64 round-off allowed here."""
+    model, (x, y) = bn_model(), batch()
+    reference = copy.deepcopy(model).train()
+    with torch.no_grad():
+        if groups:  # each group normalised over its own images, the mean of the group losses
+            parts = [reference(xi) for xi in x.chunk(groups[0])]
+            losses = [F.cross_entropy(p, yi) for p, yi in zip(parts, y.chunk(groups[0]))]
+            want_loss, logits = torch.stack(losses).mean(), torch.cat(parts)
+        else:
+            logits = reference(x)
+            want_loss = F.cross_entropy(logits, y)
+    want_correct = (logits.argmax(1) == y).sum()
+    loss, correct, norm = step_of(model, groups=groups)(x, y)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=0)
+    assert int(correct) == int(want_correct) and norm is not None
+    if not groups:  # the second pass's loss, at w + rho g / ||g||, is far away: the test can tell them apart
+        probe = copy.deepcopy(reference)
+        g = torch.autograd.grad(F.cross_entropy(probe(x), y), list(probe.parameters()))
+        norm = torch.sqrt(sum((t ** 2).sum() for t in g))
+        with torch.no_grad():
+            for p, gi in zip(probe.parameters(), g):
+                p.add_(0.5 * gi / norm)
+            assert abs(F.cross_entropy(probe(x), y).item() - want_loss.item()) > 1e-2
+
+
+# ---- BatchNorm's running statistics: from the first pass only, once -----------------------------
+
+@pytest.mark.parametrize("groups", [None, (2, "vmap"), (2, "loop")], ids=["whole", "vmap", "loop"])
+def test_batchnorm_statistics_after_one_sam_step_are_a_hand_computation_from_the_first_pass(groups):
+    """running_mean = 0.9 * 0 + 0.1 * (mean of conv(x) at w over the batch, or each group's, averaged),
+    running_var likewise with the unbiased variance; num_batches_tracked = 1. A statistic updated
+    by the second pass (at w + e), or twice, differs."""
+    model, (x, y) = bn_model(), batch()
+    conv = copy.deepcopy(model[0])
+    with torch.no_grad():
+        parts = conv(x).chunk(groups[0] if groups else 1)
+    mean = torch.stack([p.mean((0, 2, 3)) for p in parts]).mean(0)
+    var = torch.stack([p.var((0, 2, 3), unbiased=True) for p in parts]).mean(0)
+    step_of(model, groups=groups)(x, y)
+    bn = model[1]
+    torch.testing.assert_close(bn.running_mean, 0.1 * mean, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(bn.running_var, 0.9 * torch.ones(4, dtype=torch.float64) + 0.1 * var,
+                               rtol=1e-12, atol=1e-15)
+    assert int(bn.num_batches_tracked) == 1
+
+
+def test_batchnorm_statistics_through_train_py_step_come_from_the_first_pass():
+    """The step train.py builds (build_training, a WideResNet, m = 16 over a batch of 32): every
+    BatchNorm's statistics equal one forward pass at w of each group, averaged."""
+    config = parse_config(["--model", "wrn10_1", "--batch-size", "32", "--m-sharpness", "16", "--device", "cpu"]).config
+    training = build_training(config, 10, resolve_runtime(config), total_steps=10)
+    model = training.model
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
+    copies = [copy.deepcopy(reference) for _ in range(2)]
+    with torch.no_grad():
+        for c, xi in zip(copies, x.chunk(2)):
+            c(xi)
+    training.step(x, y)
+    for name, buffer in model.named_buffers():
+        if buffer.is_floating_point():
+            want = torch.stack([dict(c.named_buffers())[name] for c in copies]).mean(0)
+            torch.testing.assert_close(buffer, want, rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            assert int(buffer) == 1, name
+
+
+# ---- the weight decay: counted once ---------------------------------------------------------------
+
+@pytest.mark.parametrize("optimizer", ["sam", "sgd"])
+@pytest.mark.parametrize("where", ["loss", "optimizer"])
+def test_the_weight_decay_is_counted_once(optimizer, where):
+    config = parse_config(["--model", "wrn10_1", "--optimizer", optimizer, "--weight-decay-in", where,
+                           "--weight-decay", "0.003", "--device", "cpu"]).config
+    t = build_training(config, 10, resolve_runtime(config), total_steps=10)
+    assert all(g["weight_decay"] == (0.003 if where == "optimizer" else 0.0) for g in t.optimizer.param_groups)
+    assert t.step.weight_decay == (0.003 if where == "loss" else 0.0)
+
+
+@pytest.mark.parametrize("where", ["loss", "optimizer"])
+def test_an_sgd_step_with_weight_decay_is_w_minus_lr_times_g_plus_wd_w(where):
+    """float64, momentum 0 on the first step (the buffer is the gradient itself): w - lr (g + wd w), in
+    either place, once."""
+    model, (x, y) = bn_model(), batch()
+    wd, lr = 0.01, 0.1
+    w = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reference = copy.deepcopy(model)
+    g = dict(zip(w, torch.autograd.grad(F.cross_entropy(reference(x), y), list(reference.parameters()))))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd if where == "optimizer" else 0.0)
+    TrainStep(model, model, opt, nn.CrossEntropyLoss(), sam=False, autocast=contextlib.nullcontext,
+              weight_decay=wd if where == "loss" else 0.0)(x, y)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), w[n] - lr * (g[n] + wd * w[n]), rtol=1e-12, atol=1e-15)
+
+
+# ---- the normaliser: the training split's statistics --------------------------------------------
+
+@pytest.mark.parametrize("subset, val_split", [(0, 0.0), (60, 0.0), (0, 0.25)])
+def test_normalising_statistics_are_the_training_splits(tmp_path, subset, val_split):
+    """Test images made brighter than the training ones, the validation part different again: the
+    mean and std every loader uses are those of the training images the run trains on, in float64."""
+    root = write_cifar10(tmp_path, per_batch=20)
+    data = load_cifar("cifar10", root)
+    data.test_images = np.clip(data.test_images.astype(int) + 60, 0, 255).astype(np.uint8)
+    n = len(data.train_labels)
+    data.train_images[-n // 4:] //= 2  # the last quarter (the validation part at 0.25) darker
+    train, evals = build_loaders(data, augment="basic", batch_size=10, device="cpu", subset=subset, val_split=val_split,
+                                 channels_last=False)
+    used = data.train_images[:subset or n]
+    used = used[:len(used) - round(val_split * len(used))].astype(np.float64) / 255
+    want_mean, want_std = used.mean((0, 2, 3)), used.std((0, 2, 3))
+    for loader in (train, *evals.values()):
+        np.testing.assert_allclose(loader.normaliser.mean.flatten().numpy(), want_mean, rtol=1e-6)
+        np.testing.assert_allclose(loader.normaliser.std.flatten().numpy(), want_std, rtol=1e-6)
+
+
+# ---- the data order: a new permutation each epoch -----------------------------------------------
+
+@pytest.mark.parametrize("loader", ["device", "workers"])
+def test_every_epoch_visits_the_images_in_a_new_order_that_its_seed_and_epoch_decide(tmp_path, loader):
+    data = load_cifar("cifar10", write_cifar10(tmp_path, per_batch=20))
+    data.train_labels = np.arange(len(data.train_labels))  # each image's label is its index
+
+    def order(epoch, seed=0):
+        train, _ = build_loaders(data, augment="none", batch_size=10, device="cpu", loader=loader, workers=0,
+                                 seed=seed, channels_last=False)
+        train.set_epoch(epoch)
+        return torch.cat([labels for _, labels in train]).tolist()
+
+    orders = [order(e) for e in range(3)]
+    assert all(sorted(o) == list(range(100)) for o in orders)  # each a permutation of every image
+    assert orders[0] != orders[1] != orders[2] != orders[0]
+    assert order(1) == orders[1] and order(1, seed=1) != orders[1]
+
+
+# ---- the models: every stage's output size -----------------------------------------------------
+
+STAGES = {  # (name, stage module indices in model.blocks: the last block of each stage) -> output shapes
+    "resnet18": ([1, 3, 5, 7], [(64, 32), (128, 16), (256, 8), (512, 4)]),
+    "resnet32": ([4, 9, 14], [(16, 32), (32, 16), (64, 8)]),
+    "resnet32_jiang": ([4, 9, 14], [(128, 32), (256, 16), (512, 8)]),
+    "wrn16_2": ([1, 3, 5], [(32, 32), (64, 16), (128, 8)]),
+    "sam_wrn16_2": ([1, 3, 5], [(32, 32), (64, 16), (128, 8)]),
+    "wrn10_1": ([0, 1, 2], [(16, 32), (32, 16), (64, 8)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_every_stage_outputs_the_size_its_architecture_defines(name):
+    """He et al. / Zagoruyko & Komodakis: stride 1 in the first stage, 2 in every later one, the
+    stage widths doubling; a stride that is wrong keeps the parameter count but not these shapes."""
+    model = build_model(name).eval()
+    indices, shapes = STAGES[name]
+    seen = {}
+    for i in indices:
+        model.blocks[i].register_forward_hook(lambda m, inp, out, i=i: seen.__setitem__(i, tuple(out.shape)))
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert [seen[i] for i in indices] == [(2, c, s, s) for c, s in shapes]
+    assert len(model.blocks) == indices[-1] + 1
+
+
+# ---- residual blocks: output = shortcut + branch ------------------------------------------------
+
+def test_each_residual_block_is_its_shortcut_plus_its_branch():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 8, 8)
+    with torch.no_grad():
+        b = PreActBlock(8, 8, 1, 0.0).eval()  # identity shortcut
+        torch.testing.assert_close(b(x), x + b.conv2(F.relu(b.bn2(b.conv1(F.relu(b.bn1(x)))))))
+        b = PreActBlock(8, 16, 2, 0.0).eval()  # 1x1 projection of the pre-activated input
+        a = F.relu(b.bn1(x))
+        torch.testing.assert_close(b(x), b.shortcut(a) + b.conv2(F.relu(b.bn2(b.conv1(a)))))
+        for first in (False, True):
+            b = SamBlock(8, 8, 1, first, "batch").eval()
+            a = F.relu(b.bn1(x))
+            torch.testing.assert_close(b(x), (a if first else x) + b.conv2(F.relu(b.bn2(b.conv1(a)))))
+        b = SamBlock(8, 16, 2, False, "batch").eval()  # average-pooled, zero-padded identity
+        want = F.pad(F.avg_pool2d(x, 2), (0, 0, 0, 0, 0, 8)) + b.conv2(F.relu(b.bn2(b.conv1(F.relu(b.bn1(x))))))
+        torch.testing.assert_close(b(x), want)
+        b = BasicBlock(8, 8, 1).eval()
+        torch.testing.assert_close(b(x), F.relu(x + b.bn2(b.conv2(F.relu(b.bn1(b.conv1(x)))))))
+        b = BasicBlock(8, 16, 2).eval()
+        torch.testing.assert_close(b(x), F.relu(b.shortcut(x) + b.bn2(b.conv2(F.relu(b.bn1(b.conv1(x)))))))
+        b = BasicBlock(8, 16, 2, zero_pad=True).eval()  # option A: subsample, zero-pad 4 + 4 channels
+        want = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 4, 4)) + b.bn2(b.conv2(F.relu(b.bn1(b.conv1(x)))))
+        torch.testing.assert_close(b(x), F.relu(want))
+        b = _JiangBlock(8, 8, 1, False).eval()
+        branch = b.conv2(F.leaky_relu(b.bn2(b.conv1(F.leaky_relu(b.bn1(x), 0.1))), 0.1))
+        torch.testing.assert_close(b(x), x + branch)
+        b = _JiangBlock(8, 16, 2, False).eval()
+        branch = b.conv2(F.leaky_relu(b.bn2(b.conv1(F.leaky_relu(b.bn1(x), 0.1))), 0.1))
+        torch.testing.assert_close(b(x), F.pad(F.avg_pool2d(x, 2), (0, 0, 0, 0, 4, 4)) + branch)
