@@ -14,15 +14,17 @@ config (e.g. --rho 0.1).
 """
 
 import argparse
+import itertools
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from analysis.hessian import HessianOperator, power_iteration
 from benchmarks.record import RESULTS, save
 from benchmarks.reference_sam import LoopSAM
-from engine.config import parse_config
-from engine.step import build_training, resolve_runtime
+from engine.config import ConfigError, OneLineParser, parse_config
+from engine.step import build_training, resolve_runtime, takes_sam_step
 from models import build_model
 from sam import frozen_bn_stats
 
@@ -61,10 +63,32 @@ def time_steps(step, steps, warmup, device):
 
 
 def train_step(config, runtime):
-    """train.py's step, built by train.py's own function."""
+    """train.py's step, built by train.py's own function; a SAM or an SGD step as train.py's loop takes
+    them (--sam-prob: drawn per step)."""
     step = build_training(config, 10, runtime, total_steps=10**6).step
     images, labels = synthetic_batch(config["batch_size"], runtime.device, runtime.channels_last)
-    return lambda: step(images, labels)
+    counter = itertools.count()
+    return lambda: step(images, labels, takes_sam_step(config, config["sam_start_epoch"], next(counter)))
+
+
+def lambda_max_seconds(config, runtime):
+    """What one --sharpness-every measurement costs: 20 power iterations of Hessian-vector products on
+    one batch, BatchNorm in eval mode, as train.py's sharpness()."""
+    model = build_training(config, 10, runtime, total_steps=1).model.eval()
+    images, labels = synthetic_batch(config["batch_size"], runtime.device, runtime.channels_last)
+    operator = HessianOperator(lambda b: torch.nn.functional.cross_entropy(model(b[0]), b[1]),
+                               [p for p in model.parameters() if p.requires_grad], [(images, labels)])
+    power_iteration(operator, iters=2)  # warm-up
+    sync(runtime.device)
+    start = time.perf_counter()
+    power_iteration(operator, iters=20)
+    sync(runtime.device)
+    return time.perf_counter() - start
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def loop_sam_step(config, device):
@@ -112,7 +136,8 @@ def report(name, ms, batch_size, flops, peak, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m benchmarks.throughput", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=50, help="timed steps")
     p.add_argument("--out", default=str(RESULTS), help="folder for the JSON figures")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, cudnn autotune)")
@@ -120,11 +145,17 @@ def main(argv=None):
     p.add_argument("--vs-sgd", action="store_true", help="also time the SGD step with the same settings")
     p.add_argument("--vs-m", action="store_true", help="with --m-sharpness M: also time M = 0 and the loop "
                                                        "implementation")
+    p.add_argument("--lambda-max", action="store_true", help="also time one --sharpness-every measurement")
     args, train_flags = p.parse_known_args(argv)
-    config = parse_config(train_flags).config
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps takes a whole number >= 1 and --warmup one >= 0")
+    try:
+        config = parse_config(train_flags).config
+        runtime = resolve_runtime(config)
+    except ConfigError as e:
+        p.error(str(e))
     if args.vs_m and not config["m_sharpness"]:
         p.error("--vs-m compares against --m-sharpness M: give an M")
-    runtime = resolve_runtime(config)
     device, precision, channels_last = runtime.device, runtime.precision, runtime.channels_last
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -132,7 +163,7 @@ def main(argv=None):
     print(f"{config['model']} batch {config['batch_size']} {config['optimizer']} precision {precision} "
           f"channels_last {channels_last} compile {config['compile']} m_sharpness {config['m_sharpness']} on "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
-    passes = 2 if config["optimizer"] == "sam" else 1
+    passes = 1 + (config["sam_prob"] if config["optimizer"] == "sam" else 0)  # forward-backward passes a step
     flops = step_flops(config, device, passes)
     rows, ratios = [], {}
 
@@ -148,7 +179,7 @@ def main(argv=None):
         sgd_ms = timed("train.py step (sgd" + (f", m {m})" if m else ")"), {**config, "optimizer": "sgd", "rho": 0.0},
                        flops / 2)
         ratios["sam_over_sgd"] = ms / sgd_ms
-        print(f"SAM / SGD step time: {ms / sgd_ms:.2f}x (ideal 2.00x)")
+        print(f"SAM / SGD step time: {ms / sgd_ms:.2f}x (ideal {passes:.2f}x: forward-backward passes a step)")
     if args.vs_m:
         other = "loop" if config["m_sharpness_impl"] == "vmap" else "vmap"
         other_ms = timed(f"train.py step (m {m}, {other})", {**config, "m_sharpness_impl": other})
@@ -163,8 +194,13 @@ def main(argv=None):
                            peak, device))
         ratios["speedup_over_fp32_loop_sam"] = ref_ms / ms
         print(f"speed-up over the fp32 loop SAM step: {ref_ms / ms:.2f}x")
+    if args.lambda_max:
+        seconds = lambda_max_seconds(config, runtime)
+        ratios["lambda_max_s"], ratios["lambda_max_in_steps"] = seconds, seconds * 1e3 / ms
+        print(f"one lambda_max measurement (20 power iterations): {seconds:.2f} s = {seconds * 1e3 / ms:.1f} steps")
     save("throughput", device, {"config": {k: config[k] for k in ("model", "batch_size", "optimizer", "m_sharpness",
-                                                                  "m_sharpness_impl", "sam_second_order", "compile")},
+                                                                  "m_sharpness_impl", "sam_second_order", "compile",
+                                                                  "sam_prob")},
                                 "precision": precision, "channels_last": channels_last, "steps": args.steps,
                                 "warmup": args.warmup, "rows": rows, "ratios": ratios}, args.out, tag=setup_tag(config))
 
@@ -174,6 +210,7 @@ def setup_tag(config):
     tag = f"{config['model']}_b{config['batch_size']}_{config['optimizer']}"
     tag += f"_m{config['m_sharpness']}" if config["m_sharpness"] else ""
     tag += "_second-order" if config["sam_second_order"] else ""
+    tag += f"_p{config['sam_prob']:g}" if config["sam_prob"] < 1 else ""
     return tag + (f"_{config['compile']}" if config["compile"] != "off" else "")
 
 

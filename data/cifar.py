@@ -120,3 +120,22 @@ def _fingerprint(dataset, folder, release):
         if md5[name] != official:
             mismatched.append(name)
     return {"dataset": dataset, "official": not mismatched, "md5": md5, "mismatched": mismatched}
+
+
+def write_synthetic_cifar10(root, per_batch=20, seed=0):
+    """Small CIFAR-10 batch files in the official python layout, with random images whose first channel
+    carries the class (so a tiny model learns something): for tests and the GPU suite's smoke run."""
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [int(v) for v in np.arange(per_batch) % 10]
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        data[:, :1024] = (np.array(labels)[:, None] * 25).astype(np.uint8)
+        entry = {"batch_label": name, "labels": labels, "data": data,
+                 "filenames": [f"{i:05d}.png" for i in range(per_batch)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [str(i) for i in range(10)]}, f, protocol=2)
+    return Path(root)

@@ -11,12 +11,31 @@ them). Two implementations compute the same gradients:
   loop: the groups one after another, the readable reference the fast path is tested against.
 """
 
+import contextlib
+
 import torch
 from torch.func import functional_call, grad, grad_and_value, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from sam import frozen_bn_stats
 
 IMPLEMENTATIONS = ("vmap", "loop")
+
+
+@contextlib.contextmanager
+def fp32_batchnorm_inputs(model):
+    """Under autocast, BatchNorm gets bf16/fp16 activations; vmap's BatchNorm rule, with each group's
+    running statistics batched, refuses them next to fp32 statistics (on the CPU at least). So for the
+    vmap path, BatchNorm takes float32 inputs: what it computes in anyway, and the next convolution
+    casts back to the autocast type (ReLU in between commutes with that rounding)."""
+    def to_fp32(module, args):
+        return (args[0].float(),) if args[0].dtype in (torch.bfloat16, torch.float16) else None
+    hooks = [m.register_forward_pre_hook(to_fp32) for m in model.modules() if isinstance(m, _BatchNorm)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def split(tensor, groups):
@@ -53,8 +72,9 @@ class GroupGradients:
         buffers = dict(self.model.named_buffers())
         per_group = {n: b.expand(len(images), *b.shape).clone() for n, b in buffers.items()}
         weights = {n: p.detach() for n, p in self.params.items()}
-        grads, (_, (losses, logits)) = vmap(grad_and_value(self._loss, has_aux=True), in_dims=(None, 0, 0, 0),
-                                            randomness="different")(weights, per_group, images, labels)
+        with fp32_batchnorm_inputs(self.model):
+            grads, (_, (losses, logits)) = vmap(grad_and_value(self._loss, has_aux=True), in_dims=(None, 0, 0, 0),
+                                                randomness="different")(weights, per_group, images, labels)
         self._set_buffers({n: b.mean(0) if b.is_floating_point() else b[0] for n, b in per_group.items()})
         grads = {p: grads[n].mean(0) if mean else grads[n] for n, p in self.params.items()}
         return grads, losses, logits
@@ -66,7 +86,7 @@ class GroupGradients:
             return self._second_loop(images, labels, perturbations)
         weights = {n: p.detach() + perturbations[p] for n, p in self.params.items()}
         buffers = dict(self.model.named_buffers())
-        with frozen_bn_stats(self.model):
+        with frozen_bn_stats(self.model), fp32_batchnorm_inputs(self.model):
             grads = vmap(grad(lambda *a: self._loss(*a)[0]), in_dims=(0, None, 0, 0),
                          randomness="different")(weights, buffers, images, labels)
         return {p: grads[n].mean(0) for n, p in self.params.items()}

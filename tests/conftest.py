@@ -1,11 +1,11 @@
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from data.cifar import write_synthetic_cifar10
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_PACK = REPO.parent / "shared" / "data" / "build_cifar10.py"
@@ -13,21 +13,7 @@ SHARED_PACK = REPO.parent / "shared" / "data" / "build_cifar10.py"
 
 def write_cifar10(root, per_batch=20, seed=0):
     """Small CIFAR-10 batches in the official python layout (protocol-2 pickles)."""
-    folder = Path(root) / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        labels = [int(v) for v in np.arange(per_batch) % 10]
-        # class-dependent colour so a tiny model can learn something
-        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
-        data[:, :1024] = (np.array(labels)[:, None] * 25).astype(np.uint8)
-        entry = {"batch_label": name, "labels": labels, "data": data,
-                 "filenames": [f"{i:05d}.png" for i in range(per_batch)]}
-        with open(folder / name, "wb") as f:
-            pickle.dump(entry, f, protocol=2)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [str(i) for i in range(10)]}, f, protocol=2)
-    return Path(root)
+    return write_synthetic_cifar10(root, per_batch, seed)
 
 
 def without_wandb_service(env):

@@ -3,7 +3,6 @@ scripts/plot.py, summarize.py's honest rows), and W&B's conventions."""
 
 import json
 import math
-import shutil
 import sys
 
 import pytest
