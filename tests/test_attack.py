@@ -332,6 +332,37 @@ def test_slurm_launcher(box, capsys, args, words):
     attack(box, capsys, slurm.main, fill(args, box), words)
 
 
+U = [  # python -m benchmarks.suite (and the throughput benchmark it runs)
+    (["--budget-min", "0"], "--budget-min must be in (0, 600]"),
+    (["--budget-min", "nan"], "--budget-min must be in (0, 600], got nan"),
+    (["--budget-min", "inf"], "--budget-min must be in (0, 600], got inf"),
+    (["--smoke", "--data-dir", "{data}"], "--smoke trains on synthetic images"),
+    (["--out", "{box}/afile"], "already holds results (or is not a folder)"),
+    (["--out", "{box}/missing/suite"], "does not exist"),
+    (["--steps", "3"], "unrecognized arguments: --steps 3"),
+]
+
+
+@pytest.mark.parametrize("args, words", U, ids=[" ".join(a)[:60] for a, _ in U])
+def test_suite(box, capsys, args, words):
+    import benchmarks.suite
+    attack(box, capsys, benchmarks.suite.main, fill(args, box), words)
+
+
+B = [
+    (["--steps", "0"], "--steps takes a whole number >= 1"),
+    (["--lr", "abc"], "invalid float value: 'abc'"),
+    (["--device", "junk"], "unknown device 'junk'"),
+    (["--vs-m", "--m-sharpness", "0"], "--vs-m compares against --m-sharpness M"),
+]
+
+
+@pytest.mark.parametrize("args, words", B, ids=[" ".join(a)[:60] for a, _ in B])
+def test_throughput(box, capsys, args, words):
+    import benchmarks.throughput
+    attack(box, capsys, benchmarks.throughput.main, fill(["--out", "{box}/bench", *args], box), words)
+
+
 C = "configs/resnet18_sam.yaml"
 FLAGS = ["--", "--data-dir", "{data}", *TINY]
 SC = [  # the sweep scripts: (script, arguments, words)
@@ -407,4 +438,4 @@ def attack(box, capsys, main, argv, words, warnings=0):
 
 
 def test_the_attack_table_is_large():
-    assert len(T) + len(RAW) + len(S) + len(E) + len(M) + len(P) + len(L) + len(SC) + 2 >= 150
+    assert len(T) + len(RAW) + len(S) + len(E) + len(M) + len(P) + len(L) + len(U) + len(B) + len(SC) + 2 >= 150

@@ -59,3 +59,38 @@ def test_loader_throughput_runs(tmp_path):
               "--batches", "2", "--workers", "0", "--out", str(tmp_path / "results"))
     assert out.count("images/s") == 4
     assert len(figures(tmp_path / "results", "loader_throughput")["rows"]) == 4
+
+
+@pytest.mark.slow
+def test_the_suite_smoke_runs_every_stage_on_the_cpu_in_under_3_minutes(tmp_path):
+    import time
+    start = time.monotonic()
+    out = run("benchmarks.suite", "--smoke", "--out", str(tmp_path / "suite"))
+    assert time.monotonic() - start < 180
+    folder = tmp_path / "suite"
+    for stage in ("environment", "correctness", "speed", "training"):
+        document = json.loads((folder / f"{stage}.json").read_text())
+        assert document["stage"] == stage and document["command"].startswith("python") and document["git_commit"]
+    suite = json.loads((folder / "suite.json").read_text())
+    assert suite["ran"] == ["environment", "correctness", "speed", "training"] and suite["skipped"] == []
+    correctness = json.loads((folder / "correctness.json").read_text())
+    assert correctness["failed"] == 0 and correctness["skipped"] >= 10  # the CUDA tests, collected and skipped
+    speed = json.loads((folder / "speed.json").read_text())
+    assert {r["name"] for r in speed["rows"]} == {"wrn10_1 b8 eager", "wrn10_1 b8 m4 vmap/loop",
+                                                   "wrn10_1 b8 sam-prob 0.5"} and not speed["failed"]
+    training = json.loads((folder / "training.json").read_text())
+    assert [r["optimizer"] for r in training["runs"]] == ["sam", "sgd"]
+    assert all(r["exit_code"] == 0 and r["epochs_done"] == training["epochs"] for r in training["runs"])
+    assert "shortened to the budget" in training["schedule"]
+    summary = (folder / "summary.md").read_text()
+    assert "## CUDA correctness" in summary and "## Speed" in summary and "## Training" in summary
+    assert "summary:" in out
+
+
+def test_the_suite_stops_cleanly_when_its_budget_runs_out(tmp_path):
+    out = run("benchmarks.suite", "--smoke", "--budget-min", "0.2", "--out", str(tmp_path / "suite"))
+    suite = json.loads((tmp_path / "suite" / "suite.json").read_text())
+    assert suite["ran"] == ["environment"]
+    assert [s["stage"] for s in suite["skipped"]] == ["correctness", "speed", "training"]
+    assert all("of the 0.2-minute budget left" in s["why"] for s in suite["skipped"])
+    assert "## Skipped" in (tmp_path / "suite" / "summary.md").read_text() and "skipped 3" in out
