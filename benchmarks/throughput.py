@@ -16,6 +16,7 @@ config (e.g. --rho 0.1).
 import argparse
 import itertools
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -86,6 +87,23 @@ def lambda_max_seconds(config, runtime):
     return time.perf_counter() - start
 
 
+def checkpoint_seconds(config, runtime, folder):
+    """What one mid-epoch checkpoint costs the loop (--checkpoint-every-min, a stop signal): the model's
+    and optimizer's state copied to the host, serialised and written atomically, as train.py does."""
+    from engine import checkpoint
+    t = build_training(config, 10, runtime, total_steps=10)
+    images, labels = synthetic_batch(config["batch_size"], runtime.device, runtime.channels_last)
+    t.step(images, labels)  # momentum exists
+    sync(runtime.device)
+    start = time.perf_counter()
+    checkpoint.save_atomic({"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
+                            "schedule": t.schedule.state_dict(), "rng": checkpoint.rng_state()}, folder / "probe.pt")
+    seconds = time.perf_counter() - start
+    size = (folder / "probe.pt").stat().st_size
+    (folder / "probe.pt").unlink()
+    return seconds, size
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -146,6 +164,7 @@ def main(argv=None):
     p.add_argument("--vs-m", action="store_true", help="with --m-sharpness M: also time M = 0 and the loop "
                                                        "implementation")
     p.add_argument("--lambda-max", action="store_true", help="also time one --sharpness-every measurement")
+    p.add_argument("--checkpoint", action="store_true", help="also time one mid-epoch checkpoint (written to --out)")
     args, train_flags = p.parse_known_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps takes a whole number >= 1 and --warmup one >= 0")
@@ -198,6 +217,12 @@ def main(argv=None):
         seconds = lambda_max_seconds(config, runtime)
         ratios["lambda_max_s"], ratios["lambda_max_in_steps"] = seconds, seconds * 1e3 / ms
         print(f"one lambda_max measurement (20 power iterations): {seconds:.2f} s = {seconds * 1e3 / ms:.1f} steps")
+    if args.checkpoint:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        seconds, size = checkpoint_seconds(config, runtime, Path(args.out))
+        ratios.update(checkpoint_s=seconds, checkpoint_mib=size / 2**20, checkpoint_in_steps=seconds * 1e3 / ms)
+        print(f"one checkpoint ({size / 2**20:.0f} MiB): {seconds:.2f} s = {seconds * 1e3 / ms:.2f} steps; "
+              f"hourly, {seconds / 36:.3f}% of the time")
     save("throughput", device, {"config": {k: config[k] for k in ("model", "batch_size", "optimizer", "m_sharpness",
                                                                   "m_sharpness_impl", "sam_second_order", "compile",
                                                                   "sam_prob")},

@@ -243,3 +243,59 @@ def test_each_residual_block_is_its_shortcut_plus_its_branch():
         b = _JiangBlock(8, 16, 2, False).eval()
         branch = b.conv2(F.leaky_relu(b.bn2(b.conv1(F.leaky_relu(b.bn1(x), 0.1))), 0.1))
         torch.testing.assert_close(b(x), F.pad(F.avg_pool2d(x, 2), (0, 0, 0, 0, 4, 4)) + branch)
+
+
+# ---- what build_training builds: the settings, all of them --------------------------------------
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no step is taken here
+@pytest.mark.parametrize("flags", [["--optimizer", "sam"], ["--optimizer", "sgd", "--no-nesterov"],
+                                   ["--adaptive", "--eta", "0.02", "--sam-p", "3", "--weight-decay-in", "optimizer"]])
+def test_the_step_train_py_builds_carries_every_setting(flags):
+    config = parse_config(["--model", "wrn10_1", "--batch-size", "32", "--m-sharpness", "16", "--lr", "0.3",
+                           "--momentum", "0.8", "--weight-decay", "0.002", "--label-smoothing", "0.2",
+                           "--grad-clip", "2.5", "--device", "cpu", *flags]).config
+    t = build_training(config, 10, resolve_runtime(config), total_steps=40)
+    sam = config["optimizer"] == "sam"
+    decay_in_optimizer = 0.002 if config["weight_decay_in"] == "optimizer" else 0.0
+    for group in t.optimizer.param_groups:
+        assert (group["lr"], group["initial_lr"], group["momentum"]) == (0.3, 0.3, 0.8)
+        assert group["nesterov"] == config["nesterov"] and group["weight_decay"] == decay_in_optimizer
+        if sam:
+            assert group["rho"] == config["rho"] and group["eta"] == config["eta"]
+    if sam:
+        assert t.optimizer.p == config["sam_p"] and t.optimizer.second_order is False
+        assert {g["adaptive"] for g in t.optimizer.param_groups} == ({True, False} if config["adaptive"] else {False})
+    assert t.step.sam == sam and t.step.weight_decay == 0.002 - decay_in_optimizer and t.step.grad_clip == 2.5
+    assert t.step.criterion.label_smoothing == 0.2 and t.step.scaler is None and t.scaler is None
+    assert t.step.groups[0] == 2  # m 16 of a batch of 32: two groups
+    for step in range(1, 41):  # the per-step cosine: lr = 0.3 (1 + cos(pi step / 40)) / 2, 0 at the end
+        t.schedule.step()
+        assert t.optimizer.param_groups[0]["lr"] == pytest.approx(0.15 * (1 + np.cos(np.pi * step / 40)), abs=1e-12)
+    assert build_training({**config, "m_sharpness": 0}, 10, resolve_runtime(config), 40).step.groups is None
+    assert build_training({**config, "m_sharpness": 32}, 10, resolve_runtime(config), 40).step.groups is None
+
+
+def test_devices_precisions_and_memory_formats_resolve_as_documented(monkeypatch):
+    from engine.config import ConfigError
+    from engine.step import resolve_device
+    cpu = parse_config(["--model", "wrn10_1"]).config
+    assert resolve_device("auto", 3) == torch.device("cpu") or torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto", 1) == torch.device("cuda", 1) and resolve_device("auto") == torch.device("cuda", 0)
+    assert resolve_device("cuda", 1) == torch.device("cuda", 1) and resolve_device("cuda:1", 0) == torch.device("cuda", 1)
+    assert resolve_device("cpu", 1) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="only 2 CUDA device"):
+        resolve_device("cuda:2")
+    gpu = resolve_runtime({**cpu, "device": "auto"}, 1)
+    assert (gpu.device, gpu.precision, gpu.channels_last) == (torch.device("cuda", 1), "bf16", True)
+    assert resolve_runtime({**cpu, "device": "cuda", "channels_last": False, "precision": "fp32"}).channels_last is False
+    plain = resolve_runtime({**cpu, "device": "cpu"})
+    assert (plain.precision, plain.channels_last) == ("fp32", False)
+    assert resolve_runtime({**cpu, "device": "cpu", "channels_last": True, "precision": "bf16"}).channels_last is True
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        resolve_runtime({**cpu, "device": "cpu", "precision": "fp16"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA device is available"):
+        resolve_device("cuda")
+    assert resolve_device("auto", 3) == torch.device("cpu")

@@ -452,3 +452,35 @@ def test_second_order_needs_the_graph_and_plain_sam():
             SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, second_order=True, **kwargs)
     with pytest.raises(ValueError, match="p must be a number in"):
         SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, p=1.0)
+    first, *rest = model.parameters()  # one rho for the Hessian-vector product: two are refused
+    with pytest.raises(ValueError, match="one rho for all groups"):
+        SAM([{"params": [first], "rho": 0.1}, {"params": rest}], torch.optim.SGD, rho=RHO, lr=LR, second_order=True)
+    SAM([{"params": [first], "rho": RHO}, {"params": rest}], torch.optim.SGD, rho=RHO, lr=LR, second_order=True)
+
+
+def test_the_api_defaults_are_davda54s():
+    """SAM(params, SGD, lr=...) as davda54/sam documents it: rho 0.05, not adaptive; the base optimizer's
+    defaults are SAM's too (so a param group added later gets them); first_step() and second_step()
+    leave the gradients alone unless asked (zero_grad=False), and perturbation() only reads them."""
+    model = small_model()
+    x, y = batch()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=LR, momentum=0.9)
+    assert opt.param_groups[0]["rho"] == 0.05 and opt.param_groups[0]["adaptive"] is False
+    assert opt.defaults["lr"] == LR and opt.defaults["momentum"] == 0.9
+    extra = nn.Parameter(torch.zeros(2))
+    opt.add_param_group({"params": [extra]})
+    assert opt.param_groups[-1]["lr"] == LR and opt.param_groups[-1]["rho"] == 0.05
+    opt.param_groups.pop()
+    nn.functional.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.perturbation()
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    opt.first_step()
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))  # not zeroed
+    for p in model.parameters():
+        p.grad = None
+    with frozen_bn_stats(model):
+        nn.functional.cross_entropy(model(x), y).backward()
+    second = [p.grad.clone() for p in model.parameters()]
+    opt.second_step()
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), second))  # not zeroed either
