@@ -124,7 +124,7 @@ def takes_sam_step(config, epoch, step):
     return p >= 1 or (p > 0 and np.random.default_rng(derived_seed(config["seed"], step, 3)).random() < p)
 
 
-def group_count(config, world_size=1):
+def group_count(config, world_size):
     """Groups of m images per process; 1 when m is off or is the whole per-process batch (then
     per-group SAM is plain SAM, and the plain step computes it)."""
     m = config["m_sharpness"]

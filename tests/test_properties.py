@@ -140,7 +140,7 @@ def test_an_sgd_step_with_weight_decay_is_w_minus_lr_times_g_plus_wd_w(where):
     g = dict(zip(w, torch.autograd.grad(F.cross_entropy(reference(x), y), list(reference.parameters()))))
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd if where == "optimizer" else 0.0)
     TrainStep(model, model, opt, nn.CrossEntropyLoss(), sam=False, autocast=contextlib.nullcontext,
-              weight_decay=wd if where == "loss" else 0.0)(x, y)
+              **({"weight_decay": wd} if where == "loss" else {}))(x, y)  # the default: no penalty in the loss
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), w[n] - lr * (g[n] + wd * w[n]), rtol=1e-12, atol=1e-15)
 
@@ -254,6 +254,8 @@ def test_the_step_train_py_builds_carries_every_setting(flags):
     config = parse_config(["--model", "wrn10_1", "--batch-size", "32", "--m-sharpness", "16", "--lr", "0.3",
                            "--momentum", "0.8", "--weight-decay", "0.002", "--label-smoothing", "0.2",
                            "--grad-clip", "2.5", "--device", "cpu", *flags]).config
+    if config["optimizer"] == "sam":
+        config["rho"] = 0.3  # not SAM's own default, so a setting that went missing shows
     t = build_training(config, 10, resolve_runtime(config), total_steps=40)
     sam = config["optimizer"] == "sam"
     decay_in_optimizer = 0.002 if config["weight_decay_in"] == "optimizer" else 0.0
@@ -267,12 +269,17 @@ def test_the_step_train_py_builds_carries_every_setting(flags):
         assert {g["adaptive"] for g in t.optimizer.param_groups} == ({True, False} if config["adaptive"] else {False})
     assert t.step.sam == sam and t.step.weight_decay == 0.002 - decay_in_optimizer and t.step.grad_clip == 2.5
     assert t.step.criterion.label_smoothing == 0.2 and t.step.scaler is None and t.scaler is None
-    assert t.step.groups[0] == 2  # m 16 of a batch of 32: two groups
+    assert t.step.groups[0] == 2 and t.step.groups[1].weight_decay == t.step.weight_decay  # m 16 of 32: two groups
+    assert t.model.fc.out_features == 10 and t.step.mark() is None  # no CUDA graphs on the CPU
+    assert build_training(config, 100, resolve_runtime(config), 40).model.fc.out_features == 100
     for step in range(1, 41):  # the per-step cosine: lr = 0.3 (1 + cos(pi step / 40)) / 2, 0 at the end
         t.schedule.step()
         assert t.optimizer.param_groups[0]["lr"] == pytest.approx(0.15 * (1 + np.cos(np.pi * step / 40)), abs=1e-12)
     assert build_training({**config, "m_sharpness": 0}, 10, resolve_runtime(config), 40).step.groups is None
     assert build_training({**config, "m_sharpness": 32}, 10, resolve_runtime(config), 40).step.groups is None
+    if config["optimizer"] == "sam" and not config["adaptive"]:
+        second = build_training({**config, "sam_second_order": True, "m_sharpness": 0}, 10, resolve_runtime(config), 4)
+        assert second.optimizer.second_order and second.step.second_order
 
 
 def test_devices_precisions_and_memory_formats_resolve_as_documented(monkeypatch):
@@ -289,7 +296,8 @@ def test_devices_precisions_and_memory_formats_resolve_as_documented(monkeypatch
         resolve_device("cuda:2")
     gpu = resolve_runtime({**cpu, "device": "auto"}, 1)
     assert (gpu.device, gpu.precision, gpu.channels_last) == (torch.device("cuda", 1), "bf16", True)
-    assert resolve_runtime({**cpu, "device": "cuda", "channels_last": False, "precision": "fp32"}).channels_last is False
+    explicit = resolve_runtime({**cpu, "device": "cuda", "channels_last": False, "precision": "fp32"})
+    assert explicit.channels_last is False and explicit.device == torch.device("cuda", 0)
     plain = resolve_runtime({**cpu, "device": "cpu"})
     assert (plain.precision, plain.channels_last) == ("fp32", False)
     assert resolve_runtime({**cpu, "device": "cpu", "channels_last": True, "precision": "bf16"}).channels_last is True
@@ -299,3 +307,78 @@ def test_devices_precisions_and_memory_formats_resolve_as_documented(monkeypatch
     with pytest.raises(ConfigError, match="no CUDA device is available"):
         resolve_device("cuda")
     assert resolve_device("auto", 3) == torch.device("cpu")
+
+
+def test_speed_settings_reach_what_they_set(monkeypatch, tmp_path):
+    """Each fast setting changes what it should (and only on the device it is for): autocast's type,
+    the model's memory format, the compile mode, fused SGD, the DDP wrapper's buffer handling."""
+    from engine.step import Runtime
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        assert Runtime(torch.device("cpu"), precision, False).autocast().fast_dtype == dtype
+    config = parse_config(["--model", "wrn10_1", "--batch-size", "32", "--m-sharpness", "0", "--device", "cpu"]).config
+    fast = build_training(config, 10, Runtime(torch.device("cpu"), "fp32", True), total_steps=10)
+    assert fast.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not build_training(config, 10, resolve_runtime(config), 10).model.conv1.weight.is_contiguous(
+        memory_format=torch.channels_last)
+    assert not fast.optimizer.defaults.get("fused")  # fused SGD is CUDA's (test_cuda.py checks it there)
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: modes.append(kwargs.get("mode")) or module)
+    for mode, want in (("default", None), ("reduce-overhead", "reduce-overhead"), ("max-autotune", "max-autotune")):
+        compiled = build_training({**config, "compile": mode}, 10, resolve_runtime(config), 10)
+        assert modes.pop() == want
+        assert compiled.step.mark is not torch.compiler.cudagraph_mark_step_begin  # CUDA graphs are CUDA's
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ddp = build_training(config, 10, resolve_runtime(config), 10, distributed=True).step.net
+        assert isinstance(ddp, nn.parallel.DistributedDataParallel) and ddp.broadcast_buffers is False
+        assert ddp.device_ids is None  # on the CPU; each replica keeps its own BatchNorm statistics
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_step_of_a_sam_run_may_be_an_sgd_step_and_an_sgd_run_never_takes_a_sam_step():
+    """TrainStep(sam=True) called with sam=False is exactly an SGD step of the same base optimizer (late-
+    phase and randomized SAM), and the schedule does not take it for a missed optimizer step; called
+    with sam=True, an SGD run's step stays an SGD step."""
+    import warnings
+    from engine.step import CosineSchedule
+    model, (x, y) = bn_model(), batch()
+    reference = copy.deepcopy(model)
+    step_of(reference, sam=False)(x, y)
+    want = {k: v.detach() for k, v in reference.named_parameters()}
+    sam_run = copy.deepcopy(model)
+    step = step_of(sam_run)
+    schedule = CosineSchedule(step.optimizer, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss, correct, norm = step(x, y, sam=False)
+        schedule.step()
+    assert norm is None
+    for k, v in sam_run.named_parameters():
+        torch.testing.assert_close(v.detach(), want[k], rtol=0, atol=0)
+    sgd_run = copy.deepcopy(model)
+    assert step_of(sgd_run, sam=False)(x, y, sam=True)[2] is None
+    for k, v in sgd_run.named_parameters():
+        torch.testing.assert_close(v.detach(), want[k], rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_a_longer_schedule_is_the_closed_form_cosine_over_the_new_length():
+    from engine.step import CosineSchedule
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.2)
+    schedule = CosineSchedule(opt, 10)
+    for _ in range(4):
+        schedule.step()
+    schedule.set_length(40)
+    want = 0.1 * (1 + np.cos(np.pi * 4 / 40))
+    assert opt.param_groups[0]["lr"] == pytest.approx(want, abs=1e-15) and schedule.get_last_lr() == [opt.param_groups[0]["lr"]]
+    schedule.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * (1 + np.cos(np.pi * 5 / 40)), abs=1e-15)
+
+
+def test_hard_labels_of_soft_ones_are_the_class_with_the_larger_share():
+    from engine.step import hard
+    soft = torch.tensor([[0.7, 0.3, 0.0], [0.2, 0.0, 0.8]])
+    assert hard(soft).tolist() == [0, 2] and hard(torch.tensor([2, 1])).tolist() == [2, 1]
+    grouped = soft.expand(2, 2, 3)  # m-sharpness groups: G x m x classes
+    assert hard(grouped).tolist() == [[0, 2], [0, 2]]

@@ -195,6 +195,21 @@ def test_zero_gradient_gives_no_nan_and_no_move():
         assert torch.equal(b, p)
 
 
+def test_a_vanishing_gradient_gives_a_small_step_along_it():
+    """e = rho g / (||g|| + eps): with ||g|| far below eps the ascent shrinks towards 0, still along g."""
+    model = small_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    g = [torch.randn_like(p, dtype=torch.float64) for p in model.parameters()]
+    total = torch.sqrt(sum((t ** 2).sum() for t in g))
+    for p, t in zip(model.parameters(), g):
+        p.data = p.data.double()
+        p.grad = t / total * 1e-13  # ||g|| = 1e-13
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.first_step()
+    for b, p, t in zip(before, model.parameters(), g):
+        torch.testing.assert_close(p.detach() - b, RHO * (t / total * 1e-13) / (1e-13 + 1e-12), rtol=1e-6, atol=0)
+
+
 def test_no_gradients_at_all_is_a_no_op():
     model = small_model()
     opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
@@ -468,8 +483,10 @@ def test_the_api_defaults_are_davda54s():
     assert opt.param_groups[0]["rho"] == 0.05 and opt.param_groups[0]["adaptive"] is False
     assert opt.defaults["lr"] == LR and opt.defaults["momentum"] == 0.9
     extra = nn.Parameter(torch.zeros(2))
-    opt.add_param_group({"params": [extra]})
+    opt.add_param_group({"params": [extra]})  # filled from the defaults: SGD's own (dampening, ...) included
     assert opt.param_groups[-1]["lr"] == LR and opt.param_groups[-1]["rho"] == 0.05
+    assert opt.param_groups[-1]["dampening"] == 0 and opt.param_groups[-1]["nesterov"] is False
+    opt.base_optimizer.step()  # SGD reads every key of every group
     opt.param_groups.pop()
     nn.functional.cross_entropy(model(x), y).backward()
     grads = [p.grad.clone() for p in model.parameters()]

@@ -103,6 +103,50 @@ def test_the_clip_acts_only_above_the_threshold():
     assert max((unclipped[k] - tight[k]).abs().max().item() for k in unclipped) > 1e-4
 
 
+def test_two_steps_are_two_official_steps_with_momentum():
+    """The state a step leaves behind (gradients cleared, momentum, w restored) is what the next one
+    starts from: two TrainStep calls against two official steps written out, momentum 0.9, Nesterov."""
+    model, x, y = model_and_batch()
+    x2, y2 = x.flip(0), y.flip(0)
+    w = {k: v.detach().clone() for k, v in model.named_parameters()}
+    buf = {k: torch.zeros_like(v) for k, v in w.items()}
+    for xb, yb in ((x, y), (x2, y2)):
+        g = grad_at(model, w, xb, yb, WD)
+        norm = torch.sqrt(sum((v ** 2).sum() for v in g.values()))
+        g2 = grad_at(model, {k: w[k] + RHO * g[k] / norm for k in w}, xb, yb, WD)
+        buf = {k: 0.9 * buf[k] + g2[k] for k in w}
+        w = {k: w[k] - LR * (g2[k] + 0.9 * buf[k]) for k in w}
+    ours = copy.deepcopy(model)
+    opt = SAM(ours.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9, nesterov=True)
+    step = TrainStep(ours, ours, opt, nn.CrossEntropyLoss(), sam=True, autocast=contextlib.nullcontext,
+                     weight_decay=WD)
+    step(x, y)
+    step(x2, y2)
+    for k, v in ours.named_parameters():
+        torch.testing.assert_close(v.detach(), w[k], rtol=1e-10, atol=1e-13)
+
+
+def test_the_second_order_gradient_is_clipped_whole():
+    """The clip acts on the final descent gradient, second-order term included (restore() before it)."""
+    model, x, y = model_and_batch()
+    names = [n for n, _ in model.named_parameters()]
+    w = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+
+    def objective(weights):
+        return nn.functional.cross_entropy(functional_call(model, dict(zip(names, weights)), (x,)), y)
+
+    g = torch.autograd.grad(objective(w), w, create_graph=True)
+    norm = torch.sqrt(sum((t ** 2).sum() for t in g))
+    full = torch.autograd.grad(objective([a + RHO * b / norm for a, b in zip(w, g)]), w)
+    total = torch.sqrt(sum((t ** 2).sum() for t in full))
+    clip = 0.5 * total.item()
+    ours = copy.deepcopy(model)
+    opt = SAM(ours.parameters(), torch.optim.SGD, rho=RHO, lr=LR, second_order=True)
+    TrainStep(ours, ours, opt, nn.CrossEntropyLoss(), sam=True, autocast=contextlib.nullcontext, grad_clip=clip)(x, y)
+    for p, start, want in zip(ours.parameters(), model.parameters(), full):
+        torch.testing.assert_close(p.detach(), start.detach() - LR * want * clip / total, rtol=1e-10, atol=1e-13)
+
+
 def test_half_squared_norm_and_its_gradient():
     w = [torch.randn(3, 4, dtype=torch.float64, requires_grad=True), torch.randn(5, dtype=torch.float64,
                                                                                 requires_grad=True)]
