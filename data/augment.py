@@ -97,7 +97,7 @@ class Normaliser:
     """uint8 batch on the device -> normalised float batch, cutout (when asked) after normalisation:
     the last step of both training loaders, and of every evaluation and measurement."""
 
-    def __init__(self, mean, std, device, dtype=torch.float32, cutout=False, channels_last=True, placement="batch"):
+    def __init__(self, mean, std, device, dtype=torch.float32, cutout=False, *, channels_last, placement="batch"):
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.dtype, self.cutout, self.channels_last, self.placement = dtype, cutout, channels_last, placement

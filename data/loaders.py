@@ -176,7 +176,8 @@ def build_loaders(data, *, augment, batch_size, device, seed=0, loader="auto", w
         splits.train_labels = np.asarray(relabel(splits.train_images, splits.train_labels, mean, std), dtype=np.int64)
     common = dict(device=device, seed=seed, padding_mode=padding_mode, rank=rank, world_size=world_size,
                   mixup=(mixup_alpha, data.num_classes) if mixup_alpha else None)
-    train_norm = Normaliser(mean, std, device, dtype, augment.endswith("cutout"), channels_last, cutout_placement)
+    train_norm = Normaliser(mean, std, device, dtype, augment.endswith("cutout"), channels_last=channels_last,
+                            placement=cutout_placement)
     if loader == "workers" or torchvision_aa:
         train = WorkerLoader(splits.train_images, splits.train_labels, batch_size=batch_size, augment=augment,
                              normaliser=train_norm, workers=workers, policy=autoaugment_policy, **common)

@@ -111,7 +111,7 @@ def test_cutout_zeroes_exactly_one_clipped_16x16_window():
     rows, cols = zero.any(2), zero.any(1)
     heights, widths = rows.sum(1), cols.sum(1)
     assert torch.equal(zero.sum((1, 2)), heights * widths)  # a rectangle
-    assert heights.min() >= 8 and heights.max() == 16 and widths.min() >= 8 and widths.max() == 16
+    assert heights.min() == 8 and heights.max() == 16 and widths.min() == 8 and widths.max() == 16  # centres 0..31
     inside = (heights == 16) & (widths == 16)
     assert inside.float().mean() == pytest.approx((17 / 32) ** 2, abs=0.04)
     top = rows.float().argmax(1)
@@ -119,6 +119,33 @@ def test_cutout_zeroes_exactly_one_clipped_16x16_window():
     clipped_bottom = (heights < 16) & (top > 0)
     assert torch.equal(clipped_top | clipped_bottom, heights < 16)
     assert (top[clipped_bottom] + heights[clipped_bottom] == 32).all()
+
+
+@pytest.mark.parametrize("mode", ["reflect", "constant", "edge", "symmetric"])
+def test_padding_is_four_pixels_of_the_mode_asked_on_the_host_and_on_the_device(mode):
+    from data.augment import pad_batch
+    images = np.random.default_rng(0).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
+    padded = pad_images(images, mode)
+    assert padded.shape == (3, 3, 40, 40)
+    np.testing.assert_array_equal(padded, np.pad(images, ((0, 0), (0, 0), (4, 4), (4, 4)), mode=mode))
+    np.testing.assert_array_equal(pad_batch(torch.from_numpy(images), mode).numpy(), padded)
+
+
+def test_the_worker_pipelines_are_the_papers_augmentations_in_the_official_order():
+    from torchvision.transforms import v2
+
+    from data.autoaugment import OfficialAutoAugment
+
+    def kinds(augment, policy="official"):
+        transform = per_image_transform(augment, "reflect", policy)
+        return [type(t) for t in getattr(transform, "transforms", [transform])]
+
+    assert kinds("none") == [v2.Identity]
+    assert kinds("basic") == kinds("cutout") == [v2.RandomCrop, v2.RandomHorizontalFlip]
+    assert kinds("autoaugment") == [OfficialAutoAugment, v2.RandomHorizontalFlip, v2.RandomCrop]  # AA, flip, crop
+    assert kinds("autoaugment", "torchvision") == [v2.RandomCrop, v2.RandomHorizontalFlip, v2.AutoAugment]
+    crop = per_image_transform("basic", "edge").transforms[0]
+    assert (crop.padding, crop.padding_mode) == ([4, 4, 4, 4], "edge")
 
 
 def test_identical_seeds_give_identical_batches(synthetic_cifar):
@@ -171,13 +198,17 @@ def test_normalised_batches_are_channels_last_and_standardised(cifar_pack):
     assert x.mean((0, 2, 3)).abs().max() < 0.05 and (x.std((0, 2, 3)) - 1).abs().max() < 0.05
 
 
-@pytest.mark.parametrize("augment, loader", [("cutout", "device"), ("basic", "workers"),
-                                             ("autoaugment_cutout", "device"), ("autoaugment", "workers")])
-def test_ranks_take_slices_of_the_single_process_batches_augmentation_included(synthetic_cifar, augment, loader):
+@pytest.mark.parametrize("augment, loader, placement", [
+    ("cutout", "device", "batch"), ("cutout", "device", "image"), ("cutout", "workers", "image"),
+    ("basic", "workers", "batch"), ("autoaugment_cutout", "device", "batch"), ("autoaugment", "workers", "batch")])
+def test_ranks_take_slices_of_the_single_process_batches_augmentation_included(synthetic_cifar, augment, loader,
+                                                                               placement):
     """Process r of N gets the r-th slice of each global batch, augmented exactly as one process
-    augments those images: N processes are one process split into N groups."""
+    augments those images (one Cutout window per image included): N processes are one process split
+    into N groups."""
     data = load_cifar("cifar10", synthetic_cifar)
-    kw = dict(augment=augment, batch_size=16, device="cpu", seed=3, loader=loader, workers=0, channels_last=False)
+    kw = dict(augment=augment, batch_size=16, device="cpu", seed=3, loader=loader, workers=0, channels_last=False,
+              cutout_placement=placement)
 
     def epoch(rank=0, world_size=1):
         train, _ = build_loaders(data, rank=rank, world_size=world_size, **kw)
@@ -293,3 +324,14 @@ def test_download_is_skipped_when_the_data_is_there(synthetic_cifar, monkeypatch
     import data.cifar
     monkeypatch.setattr(data.cifar, "download_and_extract_archive", lambda *a, **k: pytest.fail("downloaded"))
     assert len(load_cifar("cifar10", synthetic_cifar, download=True).train_labels) == 100
+
+
+def test_the_normaliser_standardises_and_lays_out_as_asked():
+    from data.augment import Normaliser
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    mean, std = np.array([0.5, 0.4, 0.3]), np.array([0.2, 0.25, 0.3])
+    for channels_last in (True, False):
+        x = Normaliser(mean, std, "cpu", channels_last=channels_last)(images)
+        assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last) == channels_last
+        want = (images.double() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+        torch.testing.assert_close(x.double(), want, rtol=1e-6, atol=1e-6)

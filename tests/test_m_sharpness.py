@@ -229,3 +229,33 @@ def test_torchrun_four_processes_equal_one_process_with_m(tmp_path):
     assert distance(ddp, one) < 1e-6
     assert distance(grouped, one) < 1e-6  # 2 processes x 2 groups: the per-group step's own all-reduce
     assert distance(ddp, whole) > 1e-3
+
+
+def test_the_vmap_groups_run_under_cpu_bf16_autocast_and_with_dropout_and_leave_no_hooks():
+    """Under autocast vmap's BatchNorm gets float32 inputs (engine/groups.py), and only while the groups
+    run; dropout draws differently in each group (vmap's randomness="different")."""
+    from engine.groups import GroupGradients
+    from models import build_model
+    torch.manual_seed(0)
+    model = build_model("wrn10_1", dropout=0.3)
+    x, y = torch.randn(2, 8, 3, 32, 32), torch.randint(0, 10, (2, 8))
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    grads, losses, _ = GroupGradients(model, nn.CrossEntropyLoss(), autocast, "vmap").first(x, y)
+    loop = GroupGradients(copy.deepcopy(model), nn.CrossEntropyLoss(), autocast, "loop").first(x, y)[1]
+    assert torch.isfinite(losses).all() and torch.allclose(losses, loop, rtol=0.05)  # dropout: not the same draws
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    grads = GroupGradients(model, nn.CrossEntropyLoss(), autocast, "vmap").second(
+        x, y, {p: torch.zeros(2, *p.shape) for p in model.parameters()})
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_group_gradients_carry_no_weight_penalty_unless_asked():
+    from engine.groups import GroupGradients
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    x, y = torch.randn(2, 5, 4, dtype=torch.float64), torch.randint(0, 3, (2, 5))
+    grads, _, _ = GroupGradients(model, nn.CrossEntropyLoss(), contextlib.nullcontext, "vmap").first(x, y, mean=True)
+    want = [torch.autograd.grad(nn.functional.cross_entropy(model(xi), yi), list(model.parameters())) for xi, yi in
+            zip(x, y)]
+    for i, p in enumerate(model.parameters()):
+        torch.testing.assert_close(grads[p], (want[0][i] + want[1][i]) / 2, rtol=1e-12, atol=1e-14)
