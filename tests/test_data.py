@@ -335,3 +335,77 @@ def test_the_normaliser_standardises_and_lays_out_as_asked():
         assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last) == channels_last
         want = (images.double() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
         torch.testing.assert_close(x.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_evaluation_batches_hold_every_test_image_once_in_order_unaugmented(synthetic_cifar):
+    """The test loader neither shuffles, nor augments, nor drops the last partial batch."""
+    from data.augment import channel_stats
+    data = load_cifar("cifar10", synthetic_cifar)
+    _, evals = build_loaders(data, augment="cutout", batch_size=16, device="cpu", channels_last=False)
+    batches = list(evals["test"])
+    assert [len(y) for _, y in batches] == [16, 4]  # 20 test images
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    mean, std = (torch.tensor(s, dtype=torch.float32).view(1, 3, 1, 1) for s in channel_stats(data.train_images))
+    assert torch.equal(y, torch.from_numpy(data.test_labels))
+    torch.testing.assert_close(x, (torch.from_numpy(data.test_images).float() / 255 - mean) / std)
+
+
+def test_one_batch_may_hold_every_training_image(synthetic_cifar):
+    data = load_cifar("cifar10", synthetic_cifar)
+    train, _ = build_loaders(data, augment="basic", batch_size=32, device="cpu", subset=32)
+    train.set_epoch(0)
+    assert len(train) == 1 and [len(y) for _, y in train] == [32]
+
+
+@pytest.mark.parametrize("loader", ["device", "workers"])
+def test_the_padding_mode_reaches_the_training_crops(synthetic_cifar, loader):
+    """Bright images (128..255): reflected padding keeps every pixel bright, zero padding brings in black."""
+    from data.augment import channel_stats
+    data = load_cifar("cifar10", synthetic_cifar)
+    data.train_images = np.random.default_rng(0).integers(128, 256, data.train_images.shape, dtype=np.uint8)
+    mean, std = (torch.tensor(s, dtype=torch.float32).view(1, 3, 1, 1) for s in channel_stats(data.train_images))
+    for mode in ("reflect", "constant"):
+        train, _ = build_loaders(data, augment="basic", batch_size=64, device="cpu", loader=loader, workers=0,
+                                 padding_mode=mode, channels_last=False)
+        train.set_epoch(0)
+        x, _ = next(iter(train))
+        pixels = (x * std + mean) * 255
+        assert (pixels.min() < 64) == (mode == "constant"), mode
+
+
+def test_the_loader_setting_picks_the_pipeline(synthetic_cifar):
+    from torch.utils.data import DataLoader
+
+    from data.loaders import DeviceLoader
+    data = load_cifar("cifar10", synthetic_cifar)
+    for loader, kind in (("device", DeviceLoader), ("workers", DataLoader)):
+        train, _ = build_loaders(data, augment="basic", batch_size=16, device="cpu", loader=loader, workers=0)
+        assert isinstance(getattr(train, "loader", train), kind), loader
+
+
+@pytest.mark.parametrize("loader", ["device", "workers"])
+@pytest.mark.parametrize("augment", ["none", "basic"])
+def test_each_training_image_is_its_source_under_the_augmentation_asked_and_no_other(synthetic_cifar, augment,
+                                                                                      loader):
+    """Channel 0 names each image's source; the image must be that source itself ("none") or one
+    of its 162 reflect-padded crops and flips ("basic"): nothing more (no AutoAugment), nothing less."""
+    from data.augment import channel_stats
+    data = load_cifar("cifar10", synthetic_cifar)
+    images = np.random.default_rng(0).integers(0, 256, data.train_images.shape, dtype=np.uint8)
+    images[:, 0] = np.arange(len(images), dtype=np.uint8)[:, None, None]
+    data.train_images = images
+    mean, std = (torch.tensor(s, dtype=torch.float32).view(1, 3, 1, 1) for s in channel_stats(images))
+    train, _ = build_loaders(data, augment=augment, batch_size=64, device="cpu", loader=loader, workers=0,
+                             channels_last=False)
+    train.set_epoch(0)
+    x, _ = next(iter(train))
+    got = ((x * std + mean) * 255).round().to(torch.uint8)
+    sources = got[:, 0, 0, 0].long()
+    assert len(set(sources.tolist())) == 64  # 64 different images of the permutation
+    padded = torch.from_numpy(np.pad(images, ((0, 0), (0, 0), (4, 4), (4, 4)), mode="reflect"))
+    for image, k in zip(got, sources):
+        if augment == "none":
+            assert torch.equal(image, torch.from_numpy(images[k]))
+            continue
+        crops = [padded[k, :, t:t + 32, s:s + 32] for t in range(9) for s in range(9)]
+        assert any(torch.equal(image, c) or torch.equal(image, c.flip(-1)) for c in crops)

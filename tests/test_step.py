@@ -126,6 +126,33 @@ def test_two_steps_are_two_official_steps_with_momentum():
         torch.testing.assert_close(v.detach(), w[k], rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("run", ["sgd", "sam-run"])
+def test_sgd_steps_leave_no_gradient_behind(run):
+    """An SGD step clears its gradient, so the next step (SGD, or SAM in a late-phase run) starts from
+    nothing: an SGD step then a second step, against the two written out, momentum 0.9."""
+    model, x, y = model_and_batch()
+    x2, y2 = x.flip(0), y.flip(0)
+    w = {k: v.detach().clone() for k, v in model.named_parameters()}
+    g = grad_at(model, w, x, y, WD)
+    buf = g
+    w = {k: w[k] - LR * buf[k] for k in w}
+    g = grad_at(model, w, x2, y2, WD)
+    if run == "sam-run":  # the second step is a SAM step
+        norm = torch.sqrt(sum((v ** 2).sum() for v in g.values()))
+        g = grad_at(model, {k: w[k] + RHO * g[k] / norm for k in w}, x2, y2, WD)
+    buf = {k: 0.9 * buf[k] + g[k] for k in w}
+    w = {k: w[k] - LR * buf[k] for k in w}
+    ours = copy.deepcopy(model)
+    opt = (torch.optim.SGD(ours.parameters(), lr=LR, momentum=0.9) if run == "sgd" else
+           SAM(ours.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9))
+    step = TrainStep(ours, ours, opt, nn.CrossEntropyLoss(), sam=run == "sam-run", autocast=contextlib.nullcontext,
+                     weight_decay=WD)
+    step(x, y, sam=False)
+    step(x2, y2)
+    for k, v in ours.named_parameters():
+        torch.testing.assert_close(v.detach(), w[k], rtol=1e-10, atol=1e-13)
+
+
 def test_the_second_order_gradient_is_clipped_whole():
     """The clip acts on the final descent gradient, second-order term included (restore() before it)."""
     model, x, y = model_and_batch()
