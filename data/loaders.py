@@ -126,8 +126,8 @@ class _GlobalBatchSlices(Sampler):
 
 
 class WorkerLoader:
-    def __init__(self, images, labels, *, batch_size, device, normaliser, augment="basic", seed=0,
-                 padding_mode="reflect", rank=0, world_size=1, workers=4, policy="official", mixup=None):
+    def __init__(self, images, labels, *, batch_size, device, normaliser, augment, seed, padding_mode, rank,
+                 world_size, workers, policy, mixup):  # no defaults: build_loaders passes every one
         self.dataset = _TransformedImages(images, labels, per_image_transform(augment, padding_mode, policy), seed)
         self.sampler = _GlobalBatchSlices(len(labels), batch_size, seed, rank, world_size)
         self.device = torch.device(device)

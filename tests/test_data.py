@@ -409,3 +409,11 @@ def test_each_training_image_is_its_source_under_the_augmentation_asked_and_no_o
             continue
         crops = [padded[k, :, t:t + 32, s:s + 32] for t in range(9) for s in range(9)]
         assert any(torch.equal(image, c) or torch.equal(image, c.flip(-1)) for c in crops)
+
+
+@pytest.mark.parametrize("start", [0, 2])
+def test_a_ranks_sampler_yields_as_many_indices_as_it_says(start):
+    from data.loaders import _GlobalBatchSlices
+    sampler = _GlobalBatchSlices(100, 16, seed=0, rank=1, world_size=4)
+    sampler.start = start
+    assert len(list(sampler)) == len(sampler) == (100 // 16 - start) * 4
