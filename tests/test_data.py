@@ -343,7 +343,7 @@ def test_evaluation_batches_hold_every_test_image_once_in_order_unaugmented(synt
     data = load_cifar("cifar10", synthetic_cifar)
     _, evals = build_loaders(data, augment="cutout", batch_size=16, device="cpu", channels_last=False)
     batches = list(evals["test"])
-    assert [len(y) for _, y in batches] == [16, 4]  # 20 test images
+    assert [len(y) for _, y in batches] == [16, 4] and len(evals["test"]) == 2  # 20 test images
     x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     mean, std = (torch.tensor(s, dtype=torch.float32).view(1, 3, 1, 1) for s in channel_stats(data.train_images))
     assert torch.equal(y, torch.from_numpy(data.test_labels))
