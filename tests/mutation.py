@@ -27,6 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from engine.config import OneLineParser
+
 FAST = ["-m", "not slow", "--deselect",  # a shell script's dry run: nothing of these modules, 16 s
         "tests/test_label_noise.py::test_table4_dry_run_lists_every_cell_and_bootstraps_from_stage_one"]
 DRAWS = "tests/test_late_sam.py::test_randomized_sam_draws_depend_on_seed_and_step_only_and_have_the_asked_share"
@@ -187,7 +190,7 @@ def workspace():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("modules", nargs="*", default=list(TARGETS), help="modules to mutate (default: all)")
     p.add_argument("--list", action="store_true", help="print the mutants and stop")
     p.add_argument("--workers", type=int, default=2)
@@ -198,10 +201,14 @@ def main(argv=None):
     unknown = [m for m in args.modules if m not in TARGETS]
     if unknown:
         p.error(f"no tests listed for {unknown[0]}; one of: {', '.join(TARGETS)}")
+    if args.again and not Path(args.again).is_file():
+        p.error(f"--again {args.again}: no such file; give the JSON an earlier run wrote (--out)")
     todo = [m for module in args.modules for m in mutants(module)]
-    earlier = []
+    earlier, others = [], []
     if args.again:
-        earlier = [r for r in json.loads(Path(args.again).read_text())["mutants"] if r["module"] in args.modules]
+        records = json.loads(Path(args.again).read_text())["mutants"]
+        earlier = [r for r in records if r["module"] in args.modules]
+        others = [r for r in records if r["module"] not in args.modules]  # kept as they were
         survivors = {key(r) for r in earlier if r["outcome"] == "survived"}
         known = {key(r) for r in earlier}
         fresh = [m for m in todo if not matches(m, known)]  # mutants the code has gained since
@@ -237,7 +244,7 @@ def main(argv=None):
     with ThreadPoolExecutor(len(copies)) as pool:
         for part in pool.map(work, range(len(copies))):
             results += part
-    results += earlier
+    results += earlier + others
     for copy in copies:
         shutil.rmtree(copy, ignore_errors=True)
     results.sort(key=lambda r: (r["module"], r["line"], r["mutation"]))
