@@ -417,3 +417,21 @@ def test_a_ranks_sampler_yields_as_many_indices_as_it_says(start):
     sampler = _GlobalBatchSlices(100, 16, seed=0, rank=1, world_size=4)
     sampler.start = start
     assert len(list(sampler)) == len(sampler) == (100 // 16 - start) * 4
+
+
+def test_data_workers_ignore_stop_signals(synthetic_cifar):
+    """SIGTERM reaches every process of a SLURM job: the main process checkpoints and stops, so the
+    DataLoader workers must carry on until it does, not die under it."""
+    import os
+    import signal
+    import time
+    data = load_cifar("cifar10", synthetic_cifar)
+    train, _ = build_loaders(data, augment="basic", batch_size=16, device="cpu", loader="workers", workers=1)
+    train.set_epoch(0)
+    batches = iter(train.loader)
+    next(batches)
+    worker = batches._workers[0]
+    os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert worker.is_alive()
+    assert len(list(batches)) == len(train) - 1
