@@ -33,8 +33,6 @@ def model_spec(name, **options):
     elif match:
         cls = SamWideResNet if match[1] else WideResNet
         depth, width = int(match[2]), int(match[3])
-        if depth < 10 or (depth - 4) % 6 or width < 1:
-            raise ValueError(f"{name}: WideResNet depth must be 6n+4 (10, 16, 22, 28, ...) and width >= 1")
         kwargs = dict(depth=depth, width=width)
     else:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(available_models())}")

@@ -232,6 +232,19 @@ def test_label_noise_rule_other_is_exact_and_never_keeps_the_label():
     assert changed.sum() == 2000
     assert np.array_equal(noisy_labels(labels, 0.2, 10, seed=0, rule="other"), noisy)
     assert sorted(np.unique(noisy[changed])) == list(range(10))
+    for label in range(10):  # uniform over the 9 other classes: each about 200 / 9 of a class's 200 changes
+        counts = np.bincount(noisy[changed & (labels == label)], minlength=10)
+        assert counts[label] == 0 and (np.delete(counts, label) > 5).all()
+
+
+def test_uniform_label_noise_redraws_from_every_class():
+    """The uniform rule (Jiang et al., the paper's Table 4) redraws a label from all classes, its own included."""
+    labels = np.arange(10_000) % 10
+    noisy = noisy_labels(labels, 0.5, 10, seed=0)
+    changed = noisy != labels
+    assert 0.45 * 0.9 < changed.mean() < 0.55 * 0.9  # half redrawn, a tenth of those to their own class
+    counts = np.bincount(noisy[labels == 3], minlength=10)  # 1000 images of class 3, about 500 redrawn
+    assert (np.delete(counts, 3) > 25).all() and counts[3] > 500
 
 
 def test_splits_noise_only_training_labels(synthetic_cifar):
@@ -266,6 +279,7 @@ def test_subset_takes_the_first_images(synthetic_cifar):
     data = load_cifar("cifar10", synthetic_cifar)
     splits = make_splits(data, subset=30)
     assert np.array_equal(splits.train_images, data.train_images[:30])
+    assert np.array_equal(splits.train_labels, data.train_labels[:30])  # no noise unless asked
     assert np.array_equal(splits.eval_sets["test"][0], data.test_images[:20])
 
 

@@ -41,10 +41,26 @@ def test_initialisation_follows_the_reference():
     assert torch.equal(model.fc.bias, torch.zeros(10))
 
 
-@pytest.mark.parametrize("name", ["unknown", "wrn27_10", "resnet50", "wrn28"])
+@pytest.mark.parametrize("name", ["unknown", "wrn27_10", "resnet50", "wrn28", "wrn4_2", "sam_wrn14_2", "wrn16_0"])
 def test_unknown_or_invalid_names(name):
-    with pytest.raises(ValueError, match="valid names|6n\\+4"):
+    with pytest.raises(ValueError, match="valid names|6n\\+4|width must be >= 1"):
         build_model(name)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet32", "resnet32_jiang", "wrn16_2", "sam_wrn16_2"])
+def test_every_convolution_is_kaiming_normal_fan_out(name):
+    """Kaiming-normal with fan_out and ReLU's gain, sqrt(2 / (out x k x k)), in every convolution,
+    the stem (3 -> 16/64 channels, where fan_in and fan_out differ most) included; BatchNorm 1 and 0."""
+    torch.manual_seed(0)
+    model = build_model(name)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0].in_channels == 3
+    for conv in convs:
+        out, _, kh, kw = conv.weight.shape
+        if conv.weight.numel() >= 400:
+            assert conv.weight.std().item() == pytest.approx((2 / (out * kh * kw)) ** 0.5, rel=0.15), conv
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))
 
 
 def test_unknown_option_is_rejected():
