@@ -134,3 +134,16 @@ def test_norm_none_removes_every_batchnorm(name):
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     with pytest.raises(ValueError, match="takes only the options norm; got dropout"):
         build_model("sam_wrn10_2", dropout=0.1)
+
+
+def test_jiang_resnet_head_is_leaky_relu_then_pooling_then_linear():
+    """mentormix resnet_model.py: after the last unit, BatchNorm, leaky ReLU (slope 0.1), global
+    average pooling, the logits layer."""
+    torch.manual_seed(0)
+    model = build_model("resnet32_jiang").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.bn(model.blocks(model.conv1(x)))
+        assert (features < 0).any()  # the slope matters
+        want = model.fc(torch.nn.functional.leaky_relu(features, 0.1).mean((2, 3)))
+        torch.testing.assert_close(model(x), want)
