@@ -147,3 +147,24 @@ def test_jiang_resnet_head_is_leaky_relu_then_pooling_then_linear():
         assert (features < 0).any()  # the slope matters
         want = model.fc(torch.nn.functional.leaky_relu(features, 0.1).mean((2, 3)))
         torch.testing.assert_close(model(x), want)
+
+
+def test_jiang_resnet_first_block_alone_activates_before_it_branches():
+    """mentormix resnet_model.py _residual: unit 0 of the first stage applies BatchNorm(leaky ReLU)
+    to the input and branches from that; every other unit branches from the raw input. Written out
+    for units 0 and 1 (the shortcut of unit 0 zero-pads 64 -> 128 channels, 32 on each side)."""
+    from torch.nn.functional import conv2d, leaky_relu, pad
+    torch.manual_seed(0)
+    model = build_model("resnet32_jiang").eval()
+    assert [b.activate_before_residual for b in model.blocks] == [True] + [False] * 14
+    x = torch.randn(2, 64, 8, 8)
+    with torch.no_grad():
+        for block, x_in in ((model.blocks[0], x), (model.blocks[1], torch.randn(2, 128, 8, 8))):
+            if block.activate_before_residual:
+                shortcut = out = block.bn1(leaky_relu(x_in, 0.1))
+                shortcut = pad(shortcut, (0, 0, 0, 0, 32, 32))
+            else:
+                shortcut, out = x_in, leaky_relu(block.bn1(x_in), 0.1)
+            out = leaky_relu(block.bn2(conv2d(out, block.conv1.weight, padding=1)), 0.1)
+            want = conv2d(out, block.conv2.weight, padding=1) + shortcut
+            torch.testing.assert_close(block(x_in), want)
