@@ -211,9 +211,10 @@ def main(argv=None):
         others = [r for r in records if r["module"] not in args.modules]  # kept as they were
         survivors = {key(r) for r in earlier if r["outcome"] == "survived"}
         known = {key(r) for r in earlier}
+        now = {m.key() for m in todo}  # records of lines that moved or went are dropped (their mutants rerun)
         fresh = [m for m in todo if not matches(m, known)]  # mutants the code has gained since
         todo = [m for m in todo if matches(m, survivors)] + fresh
-        earlier = [r for r in earlier if r["outcome"] != "survived"]
+        earlier = [r for r in earlier if r["outcome"] != "survived" and key(r) in now]
     if args.list:
         for m in todo:
             print(f"{m.module}:{m.line}: {m.what}")
