@@ -31,6 +31,8 @@ def test_generic_wrn_names_and_dropout():
     model = build_model("wrn22_2", num_classes=10, dropout=0.3)
     assert isinstance(model, WideResNet) and len(model.blocks) == 9
     assert model.blocks[0].dropout.p == 0.3
+    plain = build_model("wrn22_2")  # what train.py builds when --dropout is 0
+    assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in plain.modules())
 
 
 def test_initialisation_follows_the_reference():
