@@ -2,7 +2,7 @@
 of a module (an operator, a comparison, a constant, a dropped call or keyword argument); it runs
 against that module's unit tests, in a copy of the repository, and "survives" when they all pass.
 The score per module and every survivor go to docs/mutation.json; docs/mutation.md says why each
-survivor that is left changes nothing. Outside CI's time budget: about an hour on 2 cores.
+survivor that is left changes nothing. Outside CI's time budget: about two hours on 2 cores.
 
     python tests/mutation.py                     # every module below, 2 workers
     python tests/mutation.py data/splits.py      # some modules
