@@ -13,7 +13,7 @@
 import re
 
 from models.resnet import JiangResNet32, ResNet18, ResNet32
-from models.wide_resnet import SamWideResNet, WideResNet
+from models.wide_resnet import SamWideResNet, WideResNet, check_wide_resnet
 
 _WRN = re.compile(r"(sam_)?wrn(\d+)_(\d+)")
 _FIXED = {"resnet18": ResNet18, "resnet32": ResNet32, "resnet32_jiang": JiangResNet32}
@@ -33,6 +33,7 @@ def model_spec(name, **options):
     elif match:
         cls = SamWideResNet if match[1] else WideResNet
         depth, width = int(match[2]), int(match[3])
+        check_wide_resnet(depth, width, options.get("norm", "batch"))  # the constructor's own check, before building
         kwargs = dict(depth=depth, width=width)
     else:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(available_models())}")

@@ -27,7 +27,7 @@ def _norm(kind, channels):
     return nn.BatchNorm2d(channels) if kind == "batch" else nn.Identity()
 
 
-def _check(depth, width, norm):
+def check_wide_resnet(depth, width, norm):
     if depth < 10 or (depth - 4) % 6:
         raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
     if width < 1:
@@ -66,7 +66,7 @@ class _WideResNet(nn.Module):
 
     def __init__(self, depth, width, num_classes, norm, block):
         super().__init__()
-        _check(depth, width, norm)
+        check_wide_resnet(depth, width, norm)
         self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
         per_stage, channels = (depth - 4) // 6, [16, 16 * width, 32 * width, 64 * width]
         self.blocks = nn.Sequential(*[
