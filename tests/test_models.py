@@ -170,3 +170,10 @@ def test_jiang_resnet_first_block_alone_activates_before_it_branches():
             out = leaky_relu(block.bn2(conv2d(out, block.conv1.weight, padding=1)), 0.1)
             want = conv2d(out, block.conv2.weight, padding=1) + shortcut
             torch.testing.assert_close(block(x_in), want)
+
+
+@pytest.mark.parametrize("name", ["wrn27_10", "sam_wrn16_0"])
+def test_model_spec_refuses_invalid_wide_resnets_without_building(name):
+    from models import model_spec
+    with pytest.raises(ValueError, match="6n\\+4|width must be >= 1"):
+        model_spec(name)
