@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from data import DataError, build_loaders, load_cifar
-from data.augment import cutout, pad_images, per_image_transform, random_crop_flip
+from data.augment import channel_stats, cutout, pad_images, per_image_transform, random_crop_flip
 from data.splits import make_splits, noisy_labels
 
 
@@ -67,7 +67,6 @@ def test_default_data_dir_honours_the_environment(monkeypatch, tmp_path):
 @pytest.mark.slow
 
 def test_real_pack_counts_and_statistics(cifar_pack):
-    from data.augment import channel_stats
     data = load_cifar("cifar10", cifar_pack)
     assert len(data.train_labels) == 50_000 and len(data.test_labels) == 10_000
     assert (np.bincount(data.train_labels) == 5000).all() and (np.bincount(data.test_labels) == 1000).all()
@@ -351,15 +350,19 @@ def test_the_normaliser_standardises_and_lays_out_as_asked():
         torch.testing.assert_close(x.double(), want, rtol=1e-6, atol=1e-6)
 
 
+def training_stats(images):
+    """The normaliser's mean and std of uint8 training images, shaped to broadcast over a batch."""
+    return (torch.tensor(x, dtype=torch.float32).view(1, 3, 1, 1) for x in channel_stats(images))
+
+
 def test_evaluation_batches_hold_every_test_image_once_in_order_unaugmented(synthetic_cifar):
     """The test loader neither shuffles, nor augments, nor drops the last partial batch."""
-    from data.augment import channel_stats
     data = load_cifar("cifar10", synthetic_cifar)
     _, evals = build_loaders(data, augment="cutout", batch_size=16, device="cpu", channels_last=False)
     batches = list(evals["test"])
     assert [len(y) for _, y in batches] == [16, 4] and len(evals["test"]) == 2  # 20 test images
     x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-    mean, std = (torch.tensor(s, dtype=torch.float32).view(1, 3, 1, 1) for s in channel_stats(data.train_images))
+    mean, std = training_stats(data.train_images)
     assert torch.equal(y, torch.from_numpy(data.test_labels))
     torch.testing.assert_close(x, (torch.from_numpy(data.test_images).float() / 255 - mean) / std)
 
@@ -374,10 +377,9 @@ def test_one_batch_may_hold_every_training_image(synthetic_cifar):
 @pytest.mark.parametrize("loader", ["device", "workers"])
 def test_the_padding_mode_reaches_the_training_crops(synthetic_cifar, loader):
     """Bright images (128..255): reflected padding keeps every pixel bright, zero padding brings in black."""
-    from data.augment import channel_stats
     data = load_cifar("cifar10", synthetic_cifar)
     data.train_images = np.random.default_rng(0).integers(128, 256, data.train_images.shape, dtype=np.uint8)
-    mean, std = (torch.tensor(s, dtype=torch.float32).view(1, 3, 1, 1) for s in channel_stats(data.train_images))
+    mean, std = training_stats(data.train_images)
     for mode in ("reflect", "constant"):
         train, _ = build_loaders(data, augment="basic", batch_size=64, device="cpu", loader=loader, workers=0,
                                  padding_mode=mode, channels_last=False)
@@ -403,12 +405,11 @@ def test_each_training_image_is_its_source_under_the_augmentation_asked_and_no_o
                                                                                       loader):
     """Channel 0 names each image's source; the image must be that source itself ("none") or one
     of its 162 reflect-padded crops and flips ("basic"): nothing more (no AutoAugment), nothing less."""
-    from data.augment import channel_stats
     data = load_cifar("cifar10", synthetic_cifar)
     images = np.random.default_rng(0).integers(0, 256, data.train_images.shape, dtype=np.uint8)
     images[:, 0] = np.arange(len(images), dtype=np.uint8)[:, None, None]
     data.train_images = images
-    mean, std = (torch.tensor(s, dtype=torch.float32).view(1, 3, 1, 1) for s in channel_stats(images))
+    mean, std = training_stats(images)
     train, _ = build_loaders(data, augment=augment, batch_size=64, device="cpu", loader=loader, workers=0,
                              channels_last=False)
     train.set_epoch(0)
