@@ -1,6 +1,17 @@
 """Sharpness-Aware Minimization (Foret et al., ICLR 2021, arXiv 2010.01412).
 
-SAM wraps a base optimizer. One step is two forward-backward passes:
+SAM wraps a base optimizer. The paper's run (m-sharpness, m = 32; train.py's default step, in
+engine/step.py TrainStep._grouped) splits each batch into G groups of m images, each ascending with
+its own gradient and normalising BatchNorm over itself:
+
+    grads, losses, logits = groups.first(x, y)        # g_k of each group k (engine/groups.py), {p: G x p.shape}
+    params, e, norms = optimizer.perturbation(grads)  # e_k = rho g_k / ||g_k||, one per group
+    grads = groups.second(x, y, dict(zip(params, e))) # each group's gradient at w + e_k, averaged over k
+    for p, g in grads.items():
+        p.grad = g
+    optimizer.second_step(zero_grad=True)             # w never moved: the base optimizer steps
+
+With one group (m = the whole batch) that is the two calls of davda54/sam's API:
 
     loss_fn(model(x), y).backward()        # gradient g at w
     optimizer.first_step(zero_grad=True)   # w <- w + e,  e = rho * g / ||g||
@@ -34,6 +45,7 @@ and for DistributedDataParallel, see `frozen_bn_stats` and `local_gradients` bel
 """
 
 import contextlib
+import math
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -217,10 +229,14 @@ def _mul(a, b):
 
 
 def _check_group(group):
-    if not isinstance(group["rho"], (int, float)) or group["rho"] < 0:
-        raise ValueError(f"rho must be a number >= 0, got {group['rho']!r}")
-    if not isinstance(group["eta"], (int, float)) or group["eta"] < 0:
-        raise ValueError(f"eta must be a number >= 0, got {group['eta']!r}")
+    """Every number SAM itself uses (rho, eta, and the base optimizer's lr, momentum and weight decay
+    where present): a finite number >= 0, else ValueError. nan and inf would train to nan silently."""
+    for key in ("rho", "eta", "lr", "momentum", "weight_decay"):
+        value = group.get(key, 0.0)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
 
 
 @contextlib.contextmanager

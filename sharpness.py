@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
+from analysis import figures
 from analysis.batches import training_batches
-from analysis.hessian import HessianOperator, spectral_density, top_eigenvalues
+from analysis.hessian import HessianOperator, lanczos_steps, spectral_density, top_eigenvalues
 from analysis.landscape import along, filter_normalised_direction, interpolate
 from analysis.m_sharpness import m_sharpness
 from data import DataError, load_cifar
@@ -44,6 +45,10 @@ def parse(argv):
     p.add_argument("run", nargs="?", help="run folder or checkpoint")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="measure two runs and draw them together")
     p.add_argument("--hessian", type=int, default=0, metavar="K", help="the K largest Hessian eigenvalues (Lanczos)")
+    p.add_argument("--lanczos-steps", type=int, default=None, metavar="N",
+                   help="Lanczos steps (Hessian-vector products, each over every --batches batch) for --hessian; at "
+                        "least K (default: max(3K, K + 30), at most the number of parameters; fewer is cheaper and "
+                        "less exact for the smaller of the K)")
     p.add_argument("--density", action="store_true", help="the Hessian's spectral density (stochastic Lanczos "
                                                           "quadrature, Ghorbani et al. 2019)")
     p.add_argument("--density-runs", type=int, default=5, help="random start vectors for --density")
@@ -79,6 +84,12 @@ def parse(argv):
                              ("--batch-size", args.batch_size, 1), ("--m-sharpness", args.m_sharpness, 0)):
         if value < low:
             raise InputError(f"{name} must be >= {low}, got {value}")
+    if args.lanczos_steps is not None:
+        if not args.hessian:
+            raise InputError("--lanczos-steps sets the Lanczos steps of --hessian K: add --hessian K")
+        if not max(1, args.hessian) <= args.lanczos_steps <= 10000:
+            raise InputError(f"--lanczos-steps must be an integer in [{max(1, args.hessian)}, 10000] (at least "
+                             f"--hessian {args.hessian}), got {args.lanczos_steps}")
     if args.m_sharpness and args.batch_size % args.m_sharpness:
         raise InputError(f"--m-sharpness {args.m_sharpness} must divide --batch-size {args.batch_size}")
     if args.rho is not None and not 0 < args.rho < 100:
@@ -134,8 +145,9 @@ def measure(m, args):
     out = {"run": str(m.dir), "epoch": m.state["epoch"], "model": m.config["model"], "loss": m.mean_loss()}
     hessian = HessianOperator(m.loss, m.params, m.batches)
     if args.hessian:
-        values = top_eigenvalues(hessian, args.hessian, seed=args.seed)
-        out.update(hessian_eigenvalues=values, lambda_max=values[0])
+        values = top_eigenvalues(hessian, args.hessian, steps=args.lanczos_steps, seed=args.seed)
+        out.update(hessian_eigenvalues=values, lambda_max=values[0],
+                   lanczos_steps=lanczos_steps(args.hessian, hessian.size, args.lanczos_steps))
         if len(values) >= 5:
             out["lambda_max_over_lambda_5"] = values[0] / values[4]
     if args.density:
@@ -161,56 +173,106 @@ def measure(m, args):
     return out
 
 
-def plots(results, args, out_dir, interp=None):
-    """The figures of these results (one or two runs): -> list of PNG paths."""
+def figure_names(args):
+    """The PNG files these settings draw (in the order draw() makes them)."""
+    return [name for name, wanted in (("hessian_density.png", args.density), ("landscape_1d.png", "1d" in args.landscape),
+                                      ("landscape_2d.png", "2d" in args.landscape),
+                                      ("interpolation.png", "interp" in args.landscape)) if wanted]
+
+
+def density_floor(curves):
+    """The bottom of the density's log axis: a twentieth of the lowest of its bumps (every Ritz value's
+    Gaussian stays in view, and the empty stretches between them do not take the figure)."""
+    peaks = []
+    for d in curves:
+        top = max(d)
+        peaks += [v for a, v, b in zip([0.0, *d[:-1]], d, [*d[1:], 0.0]) if v >= a and v >= b and v > top * 1e-15]
+    return min(peaks) / 20 if peaks else 1e-12
+
+
+def draw(results, interp=None):
+    """The figures of these results (one run's or two runs' measure() dicts, by name), with the
+    interpolation between two runs: -> {file name: matplotlib figure}, not yet saved."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    written = []
+    from matplotlib.ticker import MaxNLocator
     names = list(results)
+    drawn = {}
+    with plt.rc_context(figures.RC):
+        if all("density" in r for r in results.values()):
+            fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+            curves = [results[n]["density"]["density"] for n in names]
+            floor = density_floor(curves)
+            for i, (name, d) in enumerate(zip(names, curves)):
+                ax.plot(results[name]["density"]["lambda"], [max(v, floor / 10) for v in d], label=name,
+                        linestyle=figures.STYLES[i % len(figures.STYLES)])
+            ax.set_yscale("log")
+            ax.set_ylim(bottom=floor, top=max(max(d) for d in curves) * 3)
+            ax.yaxis.set_major_formatter(figures.plain_log_formatter())
+            ax.yaxis.set_minor_formatter(figures.plain_log_formatter())
+            figures.plain(ax.xaxis)
+            ax.set(xlabel="eigenvalue", ylabel="density (log scale)", title="Hessian spectral density")
+            figures.legend_below(fig, *ax.get_legend_handles_labels(), 6)
+            drawn["hessian_density.png"] = fig
+        if all("landscape_1d" in r for r in results.values()):
+            fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+            for i, name in enumerate(names):
+                land = results[name]["landscape_1d"]
+                figures.line(ax, land["axis"], land["loss"], label=name, **figures.style(i))
+            figures.plain(ax.xaxis)
+            figures.plain(ax.yaxis)
+            ax.set(xlabel="alpha (filter-normalised direction)", ylabel="training loss", title="loss landscape, 1-D")
+            figures.legend_below(fig, *ax.get_legend_handles_labels(), 6)
+            drawn["landscape_1d.png"] = fig
+        if all("landscape_2d" in r for r in results.values()):
+            landscapes = [results[n]["landscape_2d"] for n in names]
+            fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names) + 1.2, 5.0), squeeze=False,
+                                     layout="constrained")
+            values = [v for land in landscapes for row in land["loss"] for v in row if math.isfinite(v)]
+            low = math.floor(10 * min(values)) / 10 if values else 0.0
+            top = max(values) if values else 1.0
+            high = max(min(top, low + 10), low + 0.1)  # shared levels, clipped for contrast
+            levels = MaxNLocator(nbins=20).tick_values(low, high).tolist()  # round values, the first <= the lowest loss
+            for ax, name, land in zip(axes[0], names, landscapes):
+                filled = ax.contourf(land["axis"], land["axis"], land["loss"], levels=levels, cmap="viridis",
+                                     extend="max" if top > levels[-1] else "neither")
+                ax.contour(land["axis"], land["axis"], land["loss"], levels=levels, colors="k", linewidths=0.4,
+                           alpha=0.5)
+                ax.plot([0], [0], marker="x", color="red", markersize=8, markeredgewidth=2, linestyle="none",
+                        label="the trained weights (alpha = beta = 0)")
+                ax.set(title=figures.wrap(name, 40), xlabel="alpha", ylabel="beta")
+                ax.set_box_aspect(1)
+                for axis in (ax.xaxis, ax.yaxis):
+                    axis.set_major_locator(MaxNLocator(nbins=5))
+                    figures.plain(axis)
+            bar = fig.colorbar(filled, ax=list(axes[0]), label="training loss" + (
+                f" (above {levels[-1]:g}: clipped)" if top > levels[-1] else ""))
+            figures.plain(bar.ax.yaxis)
+            figures.legend_below(fig, *axes[0][0].get_legend_handles_labels(), 4.2 * len(names) + 1.2)
+            drawn["landscape_2d.png"] = fig
+        if interp:
+            fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+            figures.line(ax, interp["alpha"], interp["loss"], color="C0")
+            for alpha, name, look in ((0, names[0], "--"), (1, names[1], ":")):
+                ax.axvline(alpha, color="0.35", linestyle=look, linewidth=1.2, label=f"alpha {alpha}: {name}")
+            figures.plain(ax.xaxis)
+            figures.plain(ax.yaxis)
+            ax.set(xlabel="alpha: the weights (1 - alpha) w_0 + alpha w_1", ylabel="training loss",
+                   title="linear interpolation")
+            figures.legend_below(fig, *ax.get_legend_handles_labels(), 6)
+            drawn["interpolation.png"] = fig
+    return drawn
 
-    def save(fig, name):
-        path = out_dir / name
-        if fig.get_layout_engine() is None:
-            fig.tight_layout()
-        fig.savefig(path, dpi=110)
+
+def plots(results, out_dir, interp=None):
+    """The figures of these results (one run or two), saved to out_dir: -> list of PNG paths."""
+    import matplotlib.pyplot as plt
+    written = []
+    for name, fig in draw(results, interp).items():
+        fig.savefig(out_dir / name, dpi=110)
         plt.close(fig)
-        written.append(path)
-
-    if all("density" in r for r in results.values()):
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        for name in names:
-            d = results[name]["density"]
-            ax.semilogy(d["lambda"], [max(v, 1e-12) for v in d["density"]], label=name)
-        ax.set(xlabel="eigenvalue", ylabel="density", title="Hessian spectral density")
-        ax.legend(fontsize=7)
-        save(fig, "hessian_density.png")
-    if "landscape_1d" in results[names[0]]:
-        landscapes = [results[n]["landscape_1d"] for n in names]
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        for name, land in zip(names, landscapes):
-            ax.plot(land["axis"], land["loss"], label=name)
-        ax.set(xlabel="alpha (filter-normalised direction)", ylabel="training loss", title="loss landscape, 1-D")
-        ax.legend(fontsize=7)
-        save(fig, "landscape_1d.png")
-    if "landscape_2d" in results[names[0]]:
-        landscapes = [results[n]["landscape_2d"] for n in names]
-        fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names) + 1, 3.8), squeeze=False,
-                                 layout="constrained")
-        top = max(max(max(row) for row in land["loss"]) for land in landscapes)
-        low = math.floor(10 * min(min(min(row) for row in land["loss"]) for land in landscapes)) / 10
-        levels = torch.linspace(low, min(top, low + 10), 21).tolist()  # shared levels, clipped for contrast
-        for ax, name, land in zip(axes[0], names, landscapes):
-            c = ax.contour(land["axis"], land["axis"], land["loss"], levels=levels, cmap="viridis")
-            ax.set(title=name, xlabel="alpha", ylabel="beta")
-        fig.colorbar(c, ax=list(axes[0]), label="training loss")
-        save(fig, "landscape_2d.png")
-    if interp:
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        ax.plot(interp["alpha"], interp["loss"])
-        ax.set(xlabel=f"alpha: (1 - alpha) {names[0]} + alpha {names[1]}", ylabel="training loss",
-               title="linear interpolation")
-        save(fig, "interpolation.png")
+        written.append(out_dir / name)
     return written
 
 
@@ -233,6 +295,9 @@ def log_to_wandb(m, results, images, args):
 def main(argv=None):
     try:
         args, runs = parse(argv)
+        outputs = ["sharpness.json", *figure_names(args)]
+        if args.out:  # checked before anything is loaded, measured or drawn
+            figures.check_output_folder(args.out, outputs)
         measured = [Measured(run, args) for run in runs]
         if len(measured) == 2 and measured[0].name == measured[1].name:  # runs/a/x and runs/b/x
             for m in measured:
@@ -241,8 +306,9 @@ def main(argv=None):
             raise InputError(f"--landscape interp needs two runs of one model; got {measured[0].config['model']} and "
                              f"{measured[1].config['model']}")
         out_dir = Path(args.out) if args.out else measured[0].dir
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except InputError as e:
+        figures.check_output_folder(out_dir, outputs)
+        out_dir.mkdir(exist_ok=True)
+    except (InputError, figures.OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
@@ -258,7 +324,7 @@ def main(argv=None):
         alphas = torch.linspace(-0.5, 1.5, args.points or 41).tolist()
         weights = [[p.detach().clone() for p in m.params] for m in measured]
         interp = {"alpha": alphas, "loss": interpolate(a.mean_loss, a.params, *weights, alphas, desc="interpolation")}
-    images = plots(results, args, out_dir, interp)
+    images = plots(results, out_dir, interp)
     document = {"settings": {k: getattr(args, k) for k in ("batches", "batch_size", "bn", "seed", "span")},
                 **(results[measured[0].name] if len(measured) == 1 else {"runs": results}),
                 **({"interpolation": interp} if interp else {})}

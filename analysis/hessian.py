@@ -69,10 +69,16 @@ def tridiagonal(alphas, betas):
     return t
 
 
+def lanczos_steps(k, size, steps=None):
+    """The Lanczos iterations top_eigenvalues runs for k eigenvalues of a `size`-dimensional operator:
+    `steps` (default max(3k, k + 30)), at most the dimension."""
+    return min(size, steps or max(3 * k, k + 30))
+
+
 def top_eigenvalues(operator, k, steps=None, seed=0):
     """The k largest eigenvalues (by value), from Lanczos with `steps` iterations (default
-    max(3k, k + 30), at most the dimension)."""
-    steps = min(operator.size, steps or max(3 * k, k + 30))
+    max(3k, k + 30), at most the dimension): one Hessian-vector product each."""
+    steps = lanczos_steps(k, operator.size, steps)
     start = operator.random(torch.Generator().manual_seed(seed))
     alphas, betas = lanczos(operator, start, steps, progress="Lanczos")
     ritz = torch.linalg.eigvalsh(tridiagonal(alphas, betas))

@@ -1,12 +1,14 @@
-"""Checkpoints that are never half-written, the RNG states a bitwise resume needs, and the lock
-that keeps one live process per run folder."""
+"""Checkpoints that are never half-written and prove they are whole and whose they are, the RNG
+states a bitwise resume needs, and the lock that keeps one live process per run folder."""
 
 import errno
 import fcntl
+import hashlib
 import io
 import os
 import pickle
 import random
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -19,6 +21,11 @@ from engine.config import ConfigError, defaults, model_options
 from models import build_model
 
 LOCK = ".lock"
+# What train.py's last.pt holds, each for one reason: what resumes the computation (model, optimizer,
+# scaler, rng, epoch, batch, step, partial), what the run reports (sam_steps, best, metrics, wall_time),
+# what proves the file is this run's, on this run's data, and whole (config, run_id, data_md5, digest).
+KEYS = {"model", "optimizer", "scaler", "rng", "epoch", "batch", "step", "partial", "sam_steps", "best", "metrics",
+        "wall_time", "config", "run_id", "data_md5", "digest"}
 
 
 def atomic_write(path, data):
@@ -53,6 +60,42 @@ def save_atomic(state, path):
     atomic_write(path, buffer.getbuffer())
 
 
+def digest(value, h=None):
+    """SHA-256 of a checkpoint's contents (tensors by dtype, shape and bytes; other values by repr),
+    the same before saving and after loading: a flipped byte anywhere shows."""
+    h = h or hashlib.sha256()
+    if isinstance(value, dict):
+        for k, v in value.items():
+            h.update(repr(k).encode())
+            digest(v, h)
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{type(value).__name__}{len(value)}".encode())
+        for v in value:
+            digest(v, h)
+    elif isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        h.update(repr(value).encode())
+    return h.hexdigest()
+
+
+def seal(state):
+    """The state with its digest: load() refuses a checkpoint whose contents no longer match it."""
+    state = {k: v for k, v in state.items() if k != "digest"}
+    return {**state, "digest": digest(state)}
+
+
+def check_belongs(state, earlier, run_dir):
+    """A checkpoint continues the run of its folder: the run id in last.pt is the one in config.yaml."""
+    theirs = (earlier or {}).get("meta", {}).get("wandb_id")
+    if theirs != state["run_id"]:
+        found = f"its config.yaml names run {theirs}" if theirs else "it holds no readable config.yaml"
+        raise ConfigError(f"{run_dir / 'last.pt'} is the checkpoint of run {state['run_id']}, but {run_dir} is not "
+                          f"that run's folder ({found}); put the checkpoint back in its own folder, or start a new run")
+
+
 def disk_full(error):
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
@@ -75,8 +118,11 @@ def load(path):
     except Exception as e:  # a truncated or corrupt archive, an unreadable file
         reason = "truncated or corrupt" if "zip" in str(e) else type(e).__name__
         raise ValueError(f"{path} is not a readable train.py checkpoint ({reason})") from None
-    if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "step", "config"} <= set(state):
-        raise ValueError(f"{path} is not a train.py checkpoint (it lacks model/optimizer/epoch/step/config)")
+    if not isinstance(state, dict) or not KEYS <= set(state):
+        missing = sorted(KEYS - set(state)) if isinstance(state, dict) else sorted(KEYS)
+        raise ValueError(f"{path} is not a train.py checkpoint of this version (it lacks {', '.join(missing)})")
+    if digest({k: v for k, v in state.items() if k != "digest"}) != state["digest"]:
+        raise ValueError(f"{path} is damaged (its contents do not match the digest it was saved with)")
     return state
 
 
@@ -162,3 +208,22 @@ def holder(run_dir):
 def in_use(run_dir):
     return (f"run folder {run_dir} is in use by {holder(run_dir) or 'another process'}; wait for it to end or stop "
             f"it (a run stopped by a signal checkpoints first), then run this again")
+
+
+def write_failure(run_dir, e):
+    """One line for a failed write of a run: what, where, how much space it needed, how to continue."""
+    if disk_full(e):
+        folder = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+        needed = f", and the write needed {size(e.needed)}" if getattr(e, "needed", None) else ""
+        problem = f"No space left on device: the disk holding {run_dir} has {size(shutil.disk_usage(folder).free)} " \
+                  f"free{needed}"
+    else:
+        problem = f"writing the run failed: {e.strerror or e} ({e.filename or run_dir})"
+    if not (run_dir / "last.pt").is_file():
+        return f"{problem}; nothing was checkpointed; free space or fix the folder, then run the same command again"
+    return (f"{problem}; the last good checkpoint {run_dir / 'last.pt'} is intact; free space or fix the folder, "
+            f"then continue with: python train.py --resume {run_dir}")
+
+
+def size(n):
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"

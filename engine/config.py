@@ -166,10 +166,9 @@ def shown(value):
 
 META = (  # flags that are not settings: (flag, metavar, help)
     ("--config", "FILE", "YAML file of settings, applied over the defaults (configs/*.yaml)"),
-    ("--resume", "[RUN]", "continue a run: its folder or last.pt (alone: the folder these settings name)"),
-    ("--allow-changes", "", "with --resume: accept a longer --epochs, a new lr, rho, ... (recorded)"),
+    ("--resume", "[RUN]", "continue a stopped run, the same experiment: its folder or last.pt (alone: the "
+                          "folder these settings name)"),
     ("--check", "", "validate this command (settings, run folder, data files) and exit"),
-    ("--check-all", "FILE", "validate every train.py command line in FILE (the sweep scripts use it)"),
 )
 
 
@@ -210,7 +209,7 @@ def help_text():
     rows += [(_label(n, s), f"{s.help}{' (' + '|'.join(s.choices) + ')' if s.choices else ''} "
                             f"(default: {default_text(s)})") for n, s in SETTINGS.items()]
     width = 26
-    lines = ["usage: python train.py [--config FILE] [--resume [RUN] [--allow-changes]] [--check] [--SETTING X ...]",
+    lines = ["usage: python train.py [--config FILE] [--resume [RUN]] [--check] [--SETTING X ...]",
              "",
              "Reproduce SAM (Foret et al., ICLR 2021) on CIFAR. With no flags: the paper's WRN-28-10 CIFAR-10 run.",
              "Settings: these defaults, then --config FILE, then flags. Each default's source: docs/settings.md.",
@@ -225,9 +224,7 @@ def build_parser():
     # Every default is None: what the namespace holds (not None) is exactly what was given.
     p.add_argument("--config")
     p.add_argument("--resume", nargs="?", const="auto")
-    p.add_argument("--allow-changes", action="store_true", default=None)
     p.add_argument("--check", action="store_true", default=None)
-    p.add_argument("--check-all")
     for name, spec in SETTINGS.items():
         flags = [flag(name)] + (["--batch_size"] if name == "batch_size" else [])
         if spec.type is bool:
@@ -249,7 +246,7 @@ def settings_markdown():
              "docs/settings.md`; a test checks it is current. The defaults are the paper's headline run "
              "(`python train.py`). Flags are the names with `-` for `_` (`--batch-size`); YAML keys are the names. "
              "*Experiment* settings change what a run computes: they are in its name and in results.json, and "
-             "`--resume` refuses to change them (but for those `--allow-changes` accepts).", "",
+             "`--resume` refuses to change them.", "",
              "| setting | default | meaning | allowed | experiment | source of the default |",
              "|---|---|---|---|---|---|"]
     for name, spec in SETTINGS.items():
@@ -306,9 +303,7 @@ class Parsed:
     """What the command line asked for: the resolved config, and which settings were given."""
     config: dict           # every SETTINGS key
     resume: str = None     # None, "auto", or a path
-    allow_changes: bool = False
     check: bool = False
-    check_all: str = None  # a file of train.py command lines to check
     given: dict = None     # settings set explicitly, by --config or by flags
     flags: frozenset = frozenset()  # settings set by flags
 
@@ -316,16 +311,11 @@ class Parsed:
 def parse_config(argv=None):
     args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
     config_file, resume = args.pop("config", None), args.pop("resume", None)
-    allow_changes, check = args.pop("allow_changes", False), args.pop("check", False)
-    check_all = args.pop("check_all", None)
+    check = args.pop("check", False)
     from_yaml = load_yaml(config_file) if config_file else {}
     config = {**defaults(), **from_yaml, **args}
     validate(config, flags=frozenset(args))
-    if allow_changes and not resume:
-        raise ConfigError("--allow-changes only applies to --resume; drop it")
-    if check_all and (args or config_file or resume or check):
-        raise ConfigError("--check-all FILE takes no other flags (the commands are in FILE)")
-    return Parsed(config, resume, allow_changes, check, check_all, {**from_yaml, **args}, frozenset(args))
+    return Parsed(config, resume, check, {**from_yaml, **args}, frozenset(args))
 
 
 def _interval(text):
@@ -423,6 +413,10 @@ def loader_kind(config):
         return config["loader"]
     torchvision_aa = config["augment"].startswith("autoaugment") and config["autoaugment_policy"] == "torchvision"
     return "workers" if torchvision_aa else "device"
+
+
+def num_classes(config):
+    return RELEASES[config["dataset"]][2]
 
 
 def model_options(config):

@@ -1,4 +1,4 @@
-"""The sweep scripts' SLURM launcher, through submitit: `--launcher slurm` submits one job per run;
+"""The sweeps' SLURM launcher (engine/sweep.py --launcher slurm), through submitit: one job per run;
 `--launcher slurm-local` runs the same jobs through submitit's local executor (the same code path
 minus sbatch, for a laptop or a test).
 
@@ -6,13 +6,8 @@ Each attempt of a job runs train.py in a child process (under torchrun with --gp
 continuing the run from its checkpoint when there is one; a finished run is left alone. Before a
 preempted or timed-out job is killed, SLURM signals it (submitit asks for SIGUSR2 90 s before the
 time limit; preemption sends SIGTERM): train.py checkpoints the step in flight and exits, and
-submitit requeues the job, whose next attempt resumes from that step. Logs: <run>/slurm/.
+submitit requeues the job, whose next attempt resumes from that step. Logs: <run>/slurm/."""
 
-    python -m engine.slurm --launcher slurm --out-dir runs [--partition P ...] [--dry-run] < RUNS
-
-RUNS: one run per line, NAME, a tab, then its train.py arguments as shell words (scripts/lib.sh)."""
-
-import argparse
 import json
 import os
 import shlex
@@ -26,7 +21,6 @@ from pathlib import Path
 
 import submitit
 
-from engine.config import OneLineParser
 from engine.stopping import INTERRUPTED, STOPPED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,18 +83,43 @@ def _ignore_user_signals():
 
 def parameters(options, name):
     """submitit's parameters of one job (AutoExecutor names: generic, or slurm_ for SLURM only)."""
-    params = {"name": name, "timeout_min": options.time, "gpus_per_node": options.gpus_per_run, "nodes": 1,
-              "tasks_per_node": 1}
+    params = {"name": name, "timeout_min": options.time or 1440, "gpus_per_node": options.gpus_per_run or 1,
+              "nodes": 1, "tasks_per_node": 1}
     for key in ("partition", "account", "constraint"):
         if getattr(options, key):
             params[f"slurm_{key}"] = getattr(options, key)
+    if options.cpus_per_run:
+        params["cpus_per_task"] = options.cpus_per_run
     if options.slurm_arg:
         params["slurm_additional_parameters"] = dict(arg.split("=", 1) for arg in options.slurm_arg)
     return params
 
 
+def check_options(options, error):
+    """The SLURM options of a sweep (engine/sweep.py), before any run is checked: error(message) exits."""
+    if (options.gpus_per_run is not None and options.gpus_per_run < 1) or (options.time is not None and options.time < 1):
+        error("--gpus-per-run and --time take whole numbers >= 1")
+    if options.cpus_per_run is not None and options.cpus_per_run < 1:
+        error("--cpus-per-run takes a whole number >= 1")
+    bad = [arg for arg in options.slurm_arg or [] if "=" not in arg or not arg.split("=", 1)[0]]
+    if bad:
+        error(f"--slurm-arg takes KEY=VALUE (an sbatch option without its dashes), got {bad[0]!r}")
+    if options.launcher == "slurm" and not options.dry_run and not shutil.which("sbatch"):
+        error("no sbatch here: this machine is not a SLURM login node; use --launcher slurm-local to try the "
+              "jobs locally, or --dry-run to see them")
+
+
+def launch(runs, options):
+    """Submit each unfinished run (engine/sweep.py's Run) -> exit code; slurm-local waits for them."""
+    skipped = sum(run.finished() for run in runs)
+    submitted = submit([(run.name, run.args) for run in runs], options)
+    if options.launcher == "slurm-local" and not options.dry_run:
+        return wait(submitted, skipped)
+    return 0
+
+
 def submit(runs, options):
-    """Submit each unfinished run -> [(name, job)]; prints what it does."""
+    """Submit each unfinished run of [(name, train.py args)] -> [(name, job)]; prints what it does."""
     cluster = "slurm" if options.launcher == "slurm" else "local"
     submitted = []
     for name, args in runs:
@@ -108,7 +127,7 @@ def submit(runs, options):
         if (run_dir / "results.json").is_file():
             print(f"skip {name} (finished)", flush=True)
             continue
-        job_fn = TrainJob(name, run_dir, args, options.gpus_per_run)
+        job_fn = TrainJob(name, run_dir, args, options.gpus_per_run or 1)
         if options.dry_run:
             print(json.dumps({"run": name, "folder": str(run_dir / "slurm"), "command": job_fn.command(),
                               "submitit": parameters(options, name)}))
@@ -138,40 +157,3 @@ def wait(submitted, skipped):
     if failed:
         print("re-run the same command to retry the failed runs (finished ones are skipped)")
     return 1 if failed else 0
-
-
-def main(argv=None):
-    p = OneLineParser(prog="python -m engine.slurm", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--launcher", choices=("slurm", "slurm-local"), required=True)
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--partition")
-    p.add_argument("--account")
-    p.add_argument("--constraint")
-    p.add_argument("--gpus-per-run", type=int, default=1)
-    p.add_argument("--time", type=int, default=1440, help="minutes per job (submitit's own default is 5)")
-    p.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE", help="any other sbatch option")
-    p.add_argument("--dry-run", action="store_true")
-    options = p.parse_args(argv)
-    if options.gpus_per_run < 1 or options.time < 1:
-        p.error("--gpus-per-run and --time take whole numbers >= 1")
-    bad = [arg for arg in options.slurm_arg if "=" not in arg or not arg.split("=", 1)[0]]
-    if bad:
-        p.error(f"--slurm-arg takes KEY=VALUE (an sbatch option without its dashes), got {bad[0]!r}")
-    if options.launcher == "slurm" and not options.dry_run and not shutil.which("sbatch"):
-        p.error("no sbatch here: this machine is not a SLURM login node; use --launcher slurm-local to try the "
-                "jobs locally, or --dry-run to see them")
-    runs = []
-    for line in sys.stdin.read().splitlines():
-        if line.strip():
-            name, _, args = line.partition("\t")
-            runs.append((name, shlex.split(args)))
-    skipped = sum((Path(options.out_dir) / name / "results.json").is_file() for name, _ in runs)
-    submitted = submit(runs, options)
-    if options.launcher == "slurm-local" and not options.dry_run:
-        return wait(submitted, skipped)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

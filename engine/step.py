@@ -133,15 +133,15 @@ def group_count(config, world_size):
 
 class CosineSchedule(torch.optim.lr_scheduler.LambdaLR):
     """lr = peak * (1 + cos(pi * step / total_steps)) / 2, stepped every batch, no warmup (official
-    flax_training.py get_cosine_schedule). Closed form, so a resumed run can change its length."""
+    flax_training.py get_cosine_schedule). Closed form: a resumed run seeks to its step."""
 
     def __init__(self, optimizer, total_steps):
         self.total_steps = total_steps
         super().__init__(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, self.total_steps)
                                                                       / self.total_steps)))
 
-    def set_length(self, total_steps):
-        self.total_steps = total_steps
+    def seek(self, step):
+        self.last_epoch = step
         for group, base_lr, factor in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas):
             group["lr"] = base_lr * factor(self.last_epoch)
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]

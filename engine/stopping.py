@@ -1,20 +1,24 @@
-"""Stopping a run cleanly: a cluster's preemption signal, Ctrl-C, or a checkpoint that is due.
+"""Stopping a run cleanly: a cluster's preemption signal, Ctrl-C, a closed terminal, a checkpoint
+that is due, or a model that is no longer finite.
 
 SLURM sends SIGTERM (or the signal of `--signal`, often SIGUSR1; submitit uses SIGUSR2) some seconds
-before it kills a preempted or timed-out job. The first SIGTERM, SIGUSR1, SIGUSR2 or SIGINT only
-sets a flag: the training loop finishes the step in flight, writes a checkpoint of that exact step
-and exits with STOPPED (SIGINT: INTERRUPTED, as a shell expects after Ctrl-C). A second SIGINT raises
-KeyboardInterrupt at once; the last checkpoint on disk stays intact, it is written atomically.
+before it kills a preempted or timed-out job; a closing SSH session sends SIGHUP. The first SIGTERM,
+SIGUSR1, SIGUSR2, SIGHUP or SIGINT sets a flag and says at once what it waits for: the training loop
+finishes the step in flight, writes a checkpoint of that exact step and exits with STOPPED (SIGINT:
+INTERRUPTED, as a shell expects after Ctrl-C). A second SIGINT raises KeyboardInterrupt at once; the
+last checkpoint on disk stays intact, it is written atomically.
 
 Under torchrun the ranks must stop (and checkpoint) at the same step: they agree once per step
 through a small all-reduce on the CPU (a gloo group), which never waits for the GPU."""
 
+import os
 import signal
+import sys
 import time
 
 import torch
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGINT)
 STOPPED = 75       # EX_TEMPFAIL: stopped by a signal after checkpointing; `--resume` continues the run
 INTERRUPTED = 130  # Ctrl-C (SIGINT), likewise checkpointed
 
@@ -36,7 +40,8 @@ class Stopper:
 
     def __init__(self, every_min=0.0, control=None):
         self.signum, self.every_s, self.control = None, 60 * every_min, control
-        self.last_save = time.monotonic()
+        self.last_save = self.last_poll = time.monotonic()
+        self.step_s = None  # how long the last step took (between two polls)
         self._previous = {}
 
     def __enter__(self):
@@ -54,6 +59,10 @@ class Stopper:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         if self.signum is None:
             self.signum = signum
+            if os.environ.get("RANK", "0") == "0":
+                pace = f"a step takes about {self.step_s:.1f} s here" if self.step_s else "the first step is under way"
+                say(f"\n{signal.Signals(signum).name}: stopping after the step in flight ({pace}), which is then "
+                    f"checkpointed" + ("; press Ctrl-C again to stop now without it" if signum == signal.SIGINT else ""))
 
     def saved(self):
         self.last_save = time.monotonic()
@@ -61,6 +70,8 @@ class Stopper:
     def poll(self):
         """-> (stop, checkpoint due), agreed by all ranks: any rank's signal stops them all; rank 0's
         clock decides when a time-based checkpoint is due."""
+        now = time.monotonic()
+        self.step_s, self.last_poll = now - self.last_poll, now
         stop = self.signum is not None
         due = bool(self.every_s) and time.monotonic() - self.last_save >= self.every_s
         if self.control is None:
@@ -71,3 +82,56 @@ class Stopper:
         if flags[0] and self.signum is None:
             self.signum = int(flags[2])  # another rank's signal: stop with its exit code
         return bool(flags[0]), bool(flags[1])
+
+
+def say(line):
+    """A line on stderr that cannot fail: after SIGHUP the terminal may be gone."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+def stopped(run, tracker, stopper):
+    """A signal stopped the run; its last step is checkpointed. One line, and the documented exit code."""
+    name = signal.Signals(stopper.signum).name
+    if run.dist.main:
+        where = f"epoch {run.epoch + 1}, batch {run.batch} of {len(run.train_loader)}" if run.batch else \
+            f"the end of epoch {run.epoch}"
+        if (run.dir / "last.pt").is_file():
+            say(f"stopped by {name} after step {run.step} ({where}); {run.dir / 'last.pt'} holds that step. "
+                f"Continue with: python train.py --resume {run.dir}")
+        else:
+            say(f"stopped by {name} before the first step; nothing to checkpoint. Start it with the same command again")
+        tracker.finish(exit_code=exit_code(stopper.signum))
+    if run.dist.enabled:
+        torch.distributed.destroy_process_group()
+    return exit_code(stopper.signum)
+
+
+def stop_if_not_finite(run, first_bad, tracker):
+    bad = first_bad.clone()
+    if run.dist.enabled:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    if int(bad) >= 0:
+        stop(run, f"the training loss became non-finite at step {int(bad)}; {saved_note(run)}. {fix_hint(run)}",
+             tracker)
+
+
+def stop(run, message, tracker):
+    if run.dist.main:
+        print(f"error: {message}", file=sys.stderr)
+        if tracker:
+            tracker.finish(exit_code=1)
+    sys.exit(1)
+
+
+def saved_note(run):
+    if not (run.dir / "last.pt").is_file():
+        return "no step was checkpointed, so nothing was saved"
+    return f"the last good checkpoint {run.dir / 'last.pt'} is intact"
+
+
+def fix_hint(run):
+    fixes = "lower --lr or --rho" + (", or use --precision fp32" if run.runtime.precision != "fp32" else "")
+    return f"To fix: {fixes}, and start a new run"

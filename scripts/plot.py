@@ -1,7 +1,11 @@
 """Training curves of runs, overlaid, from their metrics.jsonl alone (no W&B needed): training loss,
 test error and learning rate against epochs. Runs that differ only in their seed (folder names equal
 once "-seed<k>" is dropped) are drawn as one curve: the mean over seeds, and a band from the lowest
-to the highest seed.
+to the highest seed. The learning rate is drawn per step (against fractional epochs) from the step
+records; where config.yaml's cosine schedule (lr, epochs) reproduces every logged value, the curve
+is that schedule at every step up to the last one logged (the records are every --log-every steps),
+else the records alone. Short series get a marker on each point; the training loss is on a log
+axis only when it spans more than a decade.
 
     python scripts/plot.py runs/sgd-seed0 runs/sam-seed0 --out curves.png
     python scripts/plot.py runs/ --out curves.png          # every run folder below runs/
@@ -9,12 +13,14 @@ to the highest seed.
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from analysis import figures  # noqa: E402
 from engine.config import OneLineParser  # noqa: E402
 
 FORMATS = (".png", ".pdf", ".svg")
@@ -38,56 +44,108 @@ def run_folders(paths):
 
 
 def read_curves(folder):
-    """-> {"epoch": [...], "train_loss": [...], "test_error": [...]}, and lr against fractional epochs."""
+    """-> {"epoch": [...], "train_loss": [...], "test_error": [...]}, and the logged lr against fractional
+    epochs ("lr_epoch", "lr"), and the schedule at every step when it reproduces them ("schedule")."""
     epochs, lr = [], []
     for line in (folder / "metrics.jsonl").read_bytes().splitlines():
         try:
             row = json.loads(line)
         except ValueError:  # a torn last line
             continue
+        if not isinstance(row, dict):
+            continue
         kind = row.get("kind") or ("epoch" if "test/acc" in row else "step")
         if kind == "epoch" and "train/loss" in row and "test/error" in row:
             epochs.append(row)
-        elif kind == "step" and "lr" in row:
+        elif kind == "step" and "lr" in row and "step" in row:
             lr.append((row["step"], row["lr"]))
     if not epochs:
         raise InputError(f"{folder}/metrics.jsonl has no finished epoch yet; nothing to plot")
     steps_per_epoch = epochs[0]["step"] / epochs[0]["epoch"]
     return {"epoch": [r["epoch"] for r in epochs], "train_loss": [r["train/loss"] for r in epochs],
             "test_error": [100 * r["test/error"] for r in epochs],
-            "lr_epoch": [s / steps_per_epoch for s, _ in lr], "lr": [v for _, v in lr]}
+            "lr_epoch": [s / steps_per_epoch for s, _ in lr], "lr": [v for _, v in lr],
+            "schedule": schedule(folder, lr, steps_per_epoch)}
+
+
+def schedule(folder, logged, steps_per_epoch):
+    """train.py's cosine, lr (1 + cos(pi s / T)) / 2 over T = epochs x steps per epoch, from config.yaml, at
+    every step s up to the last logged one (at most ~2000 points) -> (fractional epochs, lr), when it
+    reproduces every logged lr; else None (a run resumed with a new length or lr, an unreadable config)."""
+    try:
+        import yaml
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        peak, total = float(config["lr"]), round(float(config["epochs"]) * steps_per_epoch)
+    except Exception:  # no config.yaml, or not train.py's
+        return None
+    if not logged or total <= 0 or steps_per_epoch != int(steps_per_epoch):
+        return None
+
+    def lr_at(step):
+        return peak * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+    if any(not math.isclose(lr_at(s), v, rel_tol=1e-6, abs_tol=1e-9 * peak) for s, v in logged):
+        return None
+    last = max(s for s, _ in logged)
+    steps = sorted({*range(0, last + 1, max(1, last // 2000)), last})
+    return [s / steps_per_epoch for s in steps], [lr_at(s) for s in steps]
 
 
 def experiment(folder):
     return re.sub(r"-seed\d+", "", folder.name)
 
 
+WIDTH = 12  # inches: three panels, readable at half this width
+
+
 def plot(folders, out):
+    """Draw the runs' curves to `out`. -> the figure (closed), for tests to inspect."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     groups = defaultdict(list)
     for folder in folders:
         groups[experiment(folder)].append(read_curves(folder))
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), layout="constrained")
-    for (name, runs), color in zip(groups.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
-        label = f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
-        for ax, key in zip(axes[:2], ("train_loss", "test_error")):
+    with plt.rc_context(figures.RC):
+        fig, axes = plt.subplots(1, 3, figsize=(WIDTH, 4.0), layout="constrained")
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        losses = []
+        for i, (name, runs) in enumerate(groups.items()):
+            color, look = colors[i % len(colors)], figures.style(i)
+            label = f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
             length = min(len(r["epoch"]) for r in runs)  # epochs every seed has reached
             x = runs[0]["epoch"][:length]
-            values = [r[key][:length] for r in runs]
-            mean = [sum(v) / len(v) for v in zip(*values)]
-            ax.plot(x, mean, color=color, label=label)
-            if len(runs) > 1:
-                ax.fill_between(x, [min(v) for v in zip(*values)], [max(v) for v in zip(*values)], color=color,
-                                alpha=0.2, linewidth=0)
-        axes[2].plot(runs[0]["lr_epoch"], runs[0]["lr"], color=color, label=label)
-    axes[0].set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
-    axes[1].set(xlabel="epoch", ylabel="test error (%)", title="test error")
-    axes[2].set(xlabel="epoch", ylabel="learning rate", title="learning rate")
-    fig.legend(*axes[2].get_legend_handles_labels(), loc="outside lower center", ncols=min(len(groups), 3), fontsize=8)
-    fig.savefig(out, dpi=110)
+            for ax, key in zip(axes[:2], ("train_loss", "test_error")):
+                values = [r[key][:length] for r in runs]
+                mean = [sum(v) / len(v) for v in zip(*values)]
+                figures.line(ax, x, mean, color=color, label=label, linestyle=look["linestyle"], marker=look["marker"])
+                if len(runs) > 1 and length > 1:
+                    ax.fill_between(x, [min(v) for v in zip(*values)], [max(v) for v in zip(*values)], color=color,
+                                    alpha=0.2, linewidth=0)
+                if key == "train_loss":
+                    losses += [v for r in values for v in r]
+            run = runs[0]  # one seed's schedule: the seeds of an experiment share it
+            if run["schedule"]:
+                figures.line(axes[2], *run["schedule"], color=color, label=label, linestyle=look["linestyle"],
+                             marker=look["marker"])  # a marker on each step, if they are few
+                if len(run["schedule"][0]) > figures.FEW and len(run["lr"]) <= figures.FEW:  # where the records are
+                    axes[2].plot(run["lr_epoch"], run["lr"], color=color, linestyle="none", marker=look["marker"],
+                                 markersize=4.5)
+            elif run["lr"]:
+                figures.line(axes[2], run["lr_epoch"], run["lr"], color=color, label=label,
+                             linestyle=look["linestyle"], marker=look["marker"])
+        axes[0].set(xlabel="epoch", ylabel="training loss", title="training loss")
+        figures.log_or_linear(axes[0], losses)
+        axes[1].set(xlabel="epoch", ylabel="test error (%)", title="test error")
+        axes[2].set(xlabel="epoch", ylabel="learning rate", title="learning rate (per step)")
+        for ax in axes:
+            figures.integer_ticks(ax.xaxis)
+        for ax in axes[1:]:
+            figures.plain(ax.yaxis)
+        figures.legend_below(fig, *axes[0].get_legend_handles_labels(), WIDTH)
+        fig.savefig(out, dpi=110)
     plt.close(fig)
+    return fig
 
 
 def main(argv=None):
@@ -98,17 +156,20 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = Path(args.out)
     try:
+        figures.check_output_file(out)  # before anything is read or drawn
         if out.suffix.lower() not in FORMATS:
             raise InputError(f"--out {out}: write a {', '.join(FORMATS)} file")
-        if not out.parent.is_dir():
-            raise InputError(f"--out {out}: folder {out.parent} does not exist")
         folders = run_folders(args.runs)
         for folder in folders:
             read_curves(folder)  # every run readable before anything is drawn
-    except (InputError, OSError) as e:
+    except (InputError, figures.OutputError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    plot(folders, out)
+    try:
+        plot(folders, out)
+    except OSError as e:  # the disk filled, the folder went away
+        print(f"error: cannot write {out} ({e.strerror or e}); choose another --out", file=sys.stderr)
+        return 2
     print(f"written: {out} ({len(folders)} run(s))")
     return 0
 

@@ -1,32 +1,15 @@
 #!/usr/bin/env bash
-# N seeds of one config, queued over the GPUs.
-set -euo pipefail
+# Seeds of one config (the paper reports 5 per cell), one run per GPU at a time.
+#   scripts/seeds.sh CONFIG [SWEEP OPTIONS] [-- TRAIN.PY FLAGS]
+#   SEEDS="0 1 2" scripts/seeds.sh configs/resnet18_sam.yaml --gpus 0,1 -- --epochs 10
+# SEEDS (default "0 1 2 3 4"). Sweep options (--gpus, --out-dir, --dry-run, --launcher slurm, ...):
+# python -m engine.sweep --help. Finished runs are skipped, interrupted ones resumed.
+set -euo pipefail -o noglob
 cd "$(dirname "$0")/.."
-source scripts/lib.sh
+[ -f "${1:-}" ] || { echo "error: give a config file first, e.g. scripts/seeds.sh configs/resnet18_sam.yaml" >&2; exit 2; }
+config=$1; shift
+run() { printf '%q ' "$@"; echo; }  # one train.py command line
 
-usage() {
-    cat <<'USAGE'
-usage: scripts/seeds.sh CONFIG [--seeds N] [--out-dir DIR] [--dry-run] [--launcher ...] [-- TRAIN_FLAGS...]
-
-Runs CONFIG with seeds 0..N-1 (default 5), one run per GPU at a time (GPUs from --gpus or
-CUDA_VISIBLE_DEVICES; the CPU when neither is set). All runs share the W&B group
-seeds-<config>. Re-running skips finished runs and resumes interrupted ones. Flags after --
-go to train.py unchanged (but --seed: use --seeds).
-USAGE
-}
-
-SEEDS=5
-SCRIPT_OPTIONS="--seeds"
-CONTROLLED="--seed:--seeds"
-script_option() {  # OPTION VALUE, for each of SCRIPT_OPTIONS (parse_common)
-    case "$1" in
-        --seeds) need_count --seeds "$2"; SEEDS=$2 ;;
-    esac
-}
-parse_common "$@"
-
-stem=$(config_stem "$CONFIG")
-for ((seed = 0; seed < SEEDS; seed++)); do
-    add_run "$stem-seed$seed" --config "$CONFIG" --seed "$seed"
-done
-run_queue "seeds-$stem"
+for seed in ${SEEDS-0 1 2 3 4}; do
+    run --config "$config" --seed "$seed"
+done | python -m engine.sweep --group "seeds-$(basename "$config" .yaml)" "$@"

@@ -5,6 +5,7 @@ must leave every file of a sandbox (data, finished and stopped runs, results, co
 creating nothing."""
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -12,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +21,7 @@ import evaluate
 import sharpness
 import train
 from conftest import REPO, write_cifar10
-from engine import checkpoint, slurm
+from engine import checkpoint, sweep
 from test_train import TINY
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -40,7 +42,7 @@ def box(tmp_path_factory):
     runs = root / "runs"
     base = [*TINY, "--data-dir", str(data), "--out-dir", str(runs), "--wandb-mode", "disabled"]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "project_duration", lambda run: None)
+        mp.setattr(train, "project", lambda run: None)
         assert train.main([*base, "--epochs", "1", "--name", "done"]) == 0
         assert train.main([*base, "--epochs", "1", "--name", "cifar100", "--dataset", "cifar100",
                            "--data-dir", str(root / "c100")]) == 2  # no CIFAR-100 here: only a refusal
@@ -158,7 +160,7 @@ T = [  # train.py: (arguments, words of the error line)
     (["--wandb-mode", "disabled", "--wandb-project", "p"], "--wandb-project needs W&B"),
     (["--wandb-mode", "disabled", "--save-artifact"], "--save-artifact needs W&B"),
     (["--wandb-mode", "online"], "W&B online mode needs credentials"),
-    (["--allow-changes"], "--allow-changes only applies to --resume"),
+    (["--allow-changes"], "unrecognized arguments: --allow-changes"),
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--config", "{box}/missing.yaml"], "not found"),
     (["--config", "{box}/bad.yaml"], "is not valid YAML"),
@@ -180,25 +182,23 @@ T = [  # train.py: (arguments, words of the error line)
     (["--name", "nothing", "--resume"], "no checkpoint at"),
     (["--resume", "{box}/notckpt.pt"], "not a readable train.py checkpoint"),
     (["--resume", "{box}/empty"], "no checkpoint at"),
-    (["--resume", "{half}", "--rho", "0.1"], "changed settings: rho 0.05 -> 0.1; pass --allow-changes"),
-    (["--resume", "{half}", "--lr", "0.2"], "changed settings: lr 0.1 -> 0.2"),
-    (["--resume", "{half}", "--seed", "3", "--allow-changes"], "change the experiment: seed 0 -> 3"),
-    (["--resume", "{half}", "--subset", "64", "--allow-changes"], "change the experiment: subset 0 -> 64"),
-    (["--resume", "{half}", "--optimizer", "sgd", "--allow-changes"], "change the experiment: optimizer"),
-    (["--resume", "{half}", "--batch-size", "64", "--allow-changes"], "change the experiment: batch_size 32 -> 64"),
-    (["--resume", "{half}", "--model", "wrn10_2", "--allow-changes"], "change the experiment: model"),
-    (["--resume", "{half}", "--epochs", "1", "--allow-changes"], "has trained 1 epochs already"),
+    (["--resume", "{half}", "--rho", "0.1"], "change the experiment: rho 0.05 -> 0.1; a resumed run continues"),
+    (["--resume", "{half}", "--lr", "0.2"], "change the experiment: lr 0.1 -> 0.2"),
+    (["--resume", "{half}", "--seed", "3"], "change the experiment: seed 0 -> 3"),
+    (["--resume", "{half}", "--subset", "64"], "change the experiment: subset 0 -> 64"),
+    (["--resume", "{half}", "--optimizer", "sgd"], "change the experiment: optimizer"),
+    (["--resume", "{half}", "--batch-size", "64"], "change the experiment: batch_size 32 -> 64"),
+    (["--resume", "{half}", "--model", "wrn10_2"], "change the experiment: model"),
+    (["--resume", "{half}", "--epochs", "1"], "change the experiment: epochs 2 -> 1"),
+    (["--resume", "{half}", "--epochs", "3"], "change the experiment: epochs 2 -> 3"),
     (["--resume", "{half}", "--data-dir", "{box}/other"], "data_batch_1 differ from the checksums"),
-    (["--resume", "{done}", "--relabel-from", "{half}", "--allow-changes"], "change the experiment: relabel_from"),
+    (["--resume", "{done}", "--relabel-from", "{half}"], "change the experiment: relabel_from"),
     (["--relabel-from", "{box}/empty"], "--relabel-from"),
     (["--relabel-from", "{box}/notckpt.pt"], "not a readable train.py checkpoint"),
-    (["--check-all", "{box}/afile"], "--check-all FILE takes no other flags"),
 ]
 RAW = [  # train.py commands given as they are
-    (["--check-all", "{box}/missing.txt"], "--check-all: cannot read"),
-    (["--check-all", "{box}/afile"], "line 1 of"),  # "x" is not a train.py flag
-    (["--check-all", "{box}/afile", "--lr", "0.1"], "--check-all FILE takes no other flags"),
-    (["--resume", "{done}", "--rho", "0.1", "--allow-changes"], "is finished (1 epochs), so rho 0.05 -> 0.1 would change nothing"),
+    (["--check-all", "{box}/afile"], "unrecognized arguments: --check-all"),
+    (["--resume", "{done}", "--rho", "0.1"], "change the experiment: rho 0.05 -> 0.1"),
 ]
 
 
@@ -318,18 +318,29 @@ def test_plot(box, capsys, args, words):
     attack(box, capsys, plot.main, fill(args, box), words)
 
 
-L = [  # python -m engine.slurm (the scripts' SLURM launcher)
-    (["--out-dir", "{runs}"], "the following arguments are required: --launcher"),
+L = [  # python -m engine.sweep (the scripts' queue and SLURM launcher), given one run line
     (["--launcher", "pbs", "--out-dir", "{runs}"], "invalid choice: 'pbs'"),
+    (["--out-dir", "{runs}", "--time", "60"], "--time is a SLURM option: add --launcher slurm"),
     (["--launcher", "slurm-local", "--out-dir", "{runs}", "--time", "0"], "--gpus-per-run and --time take"),
     (["--launcher", "slurm-local", "--out-dir", "{runs}", "--slurm-arg", "=x"], "--slurm-arg takes KEY=VALUE"),
-    (["--launcher", "slurm", "--out-dir", "{runs}"], "no sbatch here"),
+    (["--launcher", "slurm-local", "--out-dir", "{runs}", "--gpus", "0"], "under SLURM use --gpus-per-run"),
+    (["--out-dir", "{runs}", "--gpus", "a"], "--gpus takes distinct GPU indices"),
+    (["--out-dir", "{runs}", "--", "--lr", "abc"], "invalid float value: 'abc'"),
+    (["--out-dir", "{runs}", "--", "--name", "x"], "--name after -- is not for train.py here"),
 ]
 
 
 @pytest.mark.parametrize("args, words", L, ids=[" ".join(a)[:60] for a, _ in L])
-def test_slurm_launcher(box, capsys, args, words):
-    attack(box, capsys, slurm.main, fill(args, box), words)
+def test_sweep(box, capsys, monkeypatch, args, words):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("--model wrn10_1 --batch-size 32 --device cpu\n"))
+    attack(box, capsys, sweep.main, fill(args, box), words)
+
+
+def test_sweep_without_sbatch(box, capsys, monkeypatch):
+    """Whatever this machine has installed: no sbatch on PATH."""
+    monkeypatch.setenv("PATH", str(box / "empty"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("--model wrn10_1\n"))
+    attack(box, capsys, sweep.main, ["--launcher", "slurm", "--out-dir", str(box / "runs")], "no sbatch here")
 
 
 U = [  # python -m benchmarks.suite (and the throughput benchmark it runs)
@@ -365,55 +376,60 @@ def test_throughput(box, capsys, args, words):
 
 C = "configs/resnet18_sam.yaml"
 FLAGS = ["--", "--data-dir", "{data}", *TINY]
-SC = [  # the sweep scripts: (script, arguments, words)
-    ("seeds.sh", [C, "--bogus", "1"], "unknown option --bogus"),
-    ("seeds.sh", [], "missing CONFIG"),
-    ("seeds.sh", ["configs/nope.yaml"], "config configs/nope.yaml not found"),
-    ("seeds.sh", [C, "--seeds", "0"], "--seeds takes a whole number >= 1"),
-    ("seeds.sh", [C, "--seeds", "x"], "--seeds takes a whole number >= 1"),
-    ("seeds.sh", [C, "--gpus", "0,0"], "--gpus lists GPU 0 twice"),
-    ("seeds.sh", [C, "--gpus", "a"], "--gpus takes GPU indices"),
-    ("seeds.sh", [C, "--out-dir"], "option --out-dir needs a value"),
-    ("seeds.sh", [C, "--launcher", "pbs"], "--launcher must be one of"),
-    ("seeds.sh", [C, "--time", "60"], "--time is a SLURM option: add --launcher slurm"),
-    ("seeds.sh", [C, *FLAGS, "--seed", "7"], "--seed after -- is set by this script for each run; use its own --seeds"),
-    ("seeds.sh", [C, *FLAGS, "--seed=7"], "--seed after -- is set by this script"),
-    ("seeds.sh", [C, *FLAGS, "--out-dir", "x"], "--out-dir after -- is not for train.py here"),
-    ("seeds.sh", [C, *FLAGS, "--name", "x"], "--name after -- would put every run in one folder"),
-    ("seeds.sh", [C, *FLAGS, "--config", C], "--config after --: give the config as the script's CONFIG"),
-    ("seeds.sh", [C, *FLAGS, "--resume"], "--resume after --: the script resumes interrupted runs itself"),
-    ("seeds.sh", [C, *FLAGS, "--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
-    ("seeds.sh", [C, *FLAGS, "--rho", "20"], "rho must be in [0, 10], got 20.0"),
-    ("seeds.sh", [C, "--dry-run", *FLAGS, "--lr", "abc"], "invalid float value: 'abc'"),
-    ("seeds.sh", [C, *FLAGS[:1], "--data-dir", "{box}/empty", *TINY], "cifar10 not found"),
-    ("sweep_rho.sh", [C, "--grid", "0.05 20", *FLAGS], "rho must be in [0, 10], got 20.0"),
-    ("sweep_rho.sh", [C, "--val-split", "1.5", *FLAGS], "val_split must be in [0, 1), got 1.5"),
-    ("sweep_rho.sh", [C, "--grid", "0.05 big", *FLAGS], "--grid value takes a non-negative number"),
-    ("sweep_rho.sh", [C, *FLAGS, "--rho", "0.1"], "--rho after -- is set by this script for each run; use its own --grid"),
-    ("sweep_rho.sh", [C, *FLAGS, "--optimizer", "sgd"], "--optimizer after -- is set by this script for each run; drop it"),
-    ("sweep_m.sh", [C, "--m", "7", *FLAGS], "m_sharpness 7 must divide the per-process batch 32"),
-    ("sweep_m.sh", [C, "--m", "0", *FLAGS], "--m value takes a whole number >= 1"),
-    ("sweep_m.sh", [C, *FLAGS, "--m-sharpness", "8"], "--m-sharpness after -- is set by this script for each run; use its own --m option"),
-    ("sgd_vs_sam.sh", [C, "--augment", "mixup", *FLAGS], "--augment must be one of"),
-    ("sgd_vs_sam.sh", [C, "--late-sam", "300", *FLAGS], "--sam-start-epoch 300 is after the last epoch"),
-    ("sgd_vs_sam.sh", [C, "--late-sam", "-1", *FLAGS], "--late-sam takes a whole number >= 0, got '-1'"),
-    ("sgd_vs_sam.sh", [C, *FLAGS, "--optimizer", "sgd"], "--optimizer after -- is set by this script"),
-    ("table4.sh", [C], "this script takes no CONFIG"),
-    ("table4.sh", ["--levels", "1.5", *FLAGS], "label_noise must be in [0, 1], got 1.5"),
-    ("table4.sh", ["--alphas", "-1", *FLAGS], "--alphas value takes a non-negative number, got '-1'"),
-    ("table4.sh", [*FLAGS, "--label-noise", "0.4"], "--label-noise after -- is set by this script for each run; use its own --levels"),
-    ("table4.sh", [*FLAGS, "--relabel-from", "x"], "--relabel-from after -- is set by this script for each run; drop"),
+SC = [  # the sweep scripts: (script, arguments, variables, words)
+    ("seeds.sh", [C, "--bogus", "1"], {}, "unrecognized arguments: --bogus 1"),
+    ("seeds.sh", [], {}, "give a config file first"),
+    ("seeds.sh", ["configs/nope.yaml"], {}, "give a config file first"),
+    ("seeds.sh", [C], {"SEEDS": ""}, "no runs"),
+    ("seeds.sh", [C], {"SEEDS": "x"}, "argument --seed: invalid int value: 'x'"),
+    ("seeds.sh", [C], {"SEEDS": "-1"}, "seed must be in [0, 4294967295]"),
+    ("seeds.sh", [C], {"SEEDS": "*"}, "argument --seed: invalid int value: '*'"),
+    ("seeds.sh", [C], {"SEEDS": "0 0"}, "are the same experiment"),
+    ("seeds.sh", [C, "--gpus", "0,0"], {}, "--gpus takes distinct GPU indices"),
+    ("seeds.sh", [C, "--gpus", "a"], {}, "--gpus takes distinct GPU indices"),
+    ("seeds.sh", [C, "--out-dir"], {}, "argument --out-dir: expected one argument"),
+    ("seeds.sh", [C, "--launcher", "pbs"], {}, "invalid choice: 'pbs'"),
+    ("seeds.sh", [C, "--time", "60"], {}, "--time is a SLURM option: add --launcher slurm"),
+    ("seeds.sh", [C, *FLAGS, "--seed", "7"], {}, "--seed after -- is set by this script for each run"),
+    ("seeds.sh", [C, *FLAGS, "--seed=7"], {}, "--seed after -- is set by this script"),
+    ("seeds.sh", [C, *FLAGS, "--out-dir", "x"], {}, "--out-dir after -- is not for train.py here"),
+    ("seeds.sh", [C, *FLAGS, "--name", "x"], {}, "--name after -- is not for train.py here"),
+    ("seeds.sh", [C, *FLAGS, "--config", C], {}, "--config after -- is set by this script"),
+    ("seeds.sh", [C, *FLAGS, "--resume"], {}, "the sweep resumes interrupted runs itself"),
+    ("seeds.sh", [C, *FLAGS, "--check"], {}, "the sweep checks every run itself"),
+    ("seeds.sh", [C, *FLAGS, "--lr", "abc"], {}, "argument --lr: invalid float value: 'abc'"),
+    ("seeds.sh", [C, *FLAGS, "--rho", "20"], {}, "rho must be in [0, 10], got 20.0"),
+    ("seeds.sh", [C, "--dry-run", *FLAGS, "--lr", "abc"], {}, "invalid float value: 'abc'"),
+    ("seeds.sh", [C, *FLAGS[:1], "--data-dir", "{box}/empty", *TINY], {}, "cifar10 not found"),
+    ("sweep_rho.sh", [C, *FLAGS], {"RHOS": "0.05 20"}, "rho must be in [0, 10], got 20.0"),
+    ("sweep_rho.sh", [C, *FLAGS], {"VAL_SPLIT": "1.5"}, "val_split must be in [0, 1), got 1.5"),
+    ("sweep_rho.sh", [C, *FLAGS], {"RHOS": "0.05 big"}, "argument --rho: invalid float value: 'big'"),
+    ("sweep_rho.sh", [C, *FLAGS, "--rho", "0.1"], {}, "--rho after -- is set by this script for each run"),
+    ("sweep_rho.sh", [C, *FLAGS, "--optimizer", "sgd"], {}, "--optimizer after -- is set by this script"),
+    ("sweep_m.sh", [C, *FLAGS], {"MS": "7"}, "m_sharpness 7 must divide the per-process batch 32"),
+    ("sweep_m.sh", [C, *FLAGS, "--m-sharpness", "8"], {}, "--m-sharpness after -- is set by this script"),
+    ("sgd_vs_sam.sh", [C, *FLAGS], {"AUGMENT": "mixup"}, "argument --augment: invalid choice: 'mixup'"),
+    ("sgd_vs_sam.sh", [C, *FLAGS], {"LATE_SAM": "300", "EPOCHS": "1"}, "--sam-start-epoch 300 is after the last epoch"),
+    ("sgd_vs_sam.sh", [C, *FLAGS], {"LATE_SAM": "-1"}, "sam_start_epoch must be in [0, 100000], got -1"),
+    ("sgd_vs_sam.sh", [C, *FLAGS], {"EPOCHS": "99999999999999999999"}, "epochs must be in [1, 100000]"),
+    ("sgd_vs_sam.sh", [C, *FLAGS, "--optimizer", "sgd"], {}, "--optimizer after -- is set by this script"),
+    ("table4.sh", [*FLAGS], {"LEVELS": "1.5"}, "label_noise must be in [0, 1], got 1.5"),
+    ("table4.sh", [*FLAGS], {"ALPHAS": "-1"}, "mixup_alpha must be in [0, 100], got -1.0"),
+    ("table4.sh", [*FLAGS, "--label-noise", "0.4"], {}, "--label-noise after -- is set by this script"),
+    ("table4.sh", [*FLAGS, "--relabel-from", "x"], {}, "--relabel-from after -- is set by this script"),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, args, words", SC, ids=[f"{n} {' '.join(a)}"[:60] for n, a, _ in SC])
-def test_scripts(box, name, args, words):
+@pytest.mark.parametrize("name, args, variables, words", SC,
+                         ids=[f"{n} {' '.join(a)} {v}"[:70] for n, a, v, _ in SC])
+def test_scripts(box, name, args, variables, words):
     before = tree(box), (REPO / "runs").exists()
     args = fill(args, box)
-    args = args[:1] + ["--out-dir", str(box / "runs")] + args[1:] if name != "table4.sh" or args[:1] == [C] else \
-        ["--out-dir", str(box / "runs"), *args]
-    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "SAM_DATA_DIR": str(box / "data")}
+    args = args[:1] + ["--out-dir", str(box / "runs")] + args[1:] if args[:1] == [C] else \
+        ["--out-dir", str(box / "runs"), *args] if name == "table4.sh" else args
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "CUDA_VISIBLE_DEVICES": "", "SAM_DATA_DIR": str(box / "data"), **variables}
     result = subprocess.run(["bash", f"scripts/{name}", *args], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2 and result.stdout == "", (result.returncode, result.stdout[-500:])

@@ -26,7 +26,7 @@ def tiny_data(tmp_path):
 
 @pytest.fixture(autouse=True)
 def no_projection(monkeypatch):
-    monkeypatch.setattr(train, "project_duration", lambda run: None)
+    monkeypatch.setattr(train, "project", lambda run: None)
 
 
 def test_different_experiments_never_share_a_folder_and_the_same_command_finds_its_own(tiny_data, tmp_path, capsys):

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 
@@ -129,8 +130,10 @@ def test_bootstrap_trains_on_the_labels_a_finished_model_predicts(tiny_data, tmp
     with torch.no_grad():
         want = model(x).argmax(1)
     assert torch.equal(run.train_loader.labels, want)
-    assert run.relabelled["from"] == str(tmp_path / "first" / "last.pt") and run.relabelled["source_epoch"] == 1
-    assert 0 < run.relabelled["changed_labels"] <= 1
+    relabelled = run.meta["relabelled_from"]
+    assert relabelled["from"] == str(tmp_path / "first" / "last.pt") and relabelled["source_epoch"] == 1
+    assert 0 < relabelled["changed_labels"] <= 1
+    run.lock.release()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -146,32 +149,33 @@ def test_bad_label_noise_settings(tiny_data, tmp_path, capsys, args, message):
     assert not (tmp_path / "runs").exists()
 
 
-def script(*args, data):
-    """table4.sh checks every run before any starts, data files included: $SAM_DATA_DIR holds some."""
-    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "SAM_DATA_DIR": str(data)}
-    return subprocess.run(["bash", "scripts/table4.sh", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
-
-
 def test_table4_dry_run_lists_every_cell_and_bootstraps_from_stage_one(tiny_data):
-    result = script("--dry-run", data=tiny_data)
+    """table4.sh checks every run before any starts, data files included: $SAM_DATA_DIR holds some."""
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+           "CUDA_VISIBLE_DEVICES": "", "SAM_DATA_DIR": str(tiny_data)}
+    result = subprocess.run(["bash", "scripts/table4.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
-    names = [line.split("--name ")[1].split()[0] for line in lines]
-    assert len(lines) == 4 * 3 * (1 + 1 + 4 + 1 + 4) and len(set(names)) == len(names)
+    runs = [(shlex.split(line.split("  # ")[0]), line.split("  # ")[1]) for line in result.stdout.splitlines()]
+    folders = [folder for _, folder in runs]
+    assert len(runs) == 4 * 3 * (1 + 1 + 4 + 1 + 4) and len(set(folders)) == len(folders)
+    cells = {(w[w.index("--label-noise") + 1], w[w.index("--seed") + 1], w[w.index("--config") + 1],
+              w[w.index("--mixup-alpha") + 1] if "--mixup-alpha" in w else None, "--relabel-from" in w)
+             for w, _ in runs}
     for level in ("0.2", "0.4", "0.6", "0.8"):
-        for seed in range(3):
-            for method in ["sgd", "sam", "bootstrap-sam"] + [f"{m}-a{a}" for m in ("mixup", "bootstrap-mixup")
-                                                            for a in (1, 8, 16, 32)]:
-                assert f"t4-noise{level}-{method}-seed{seed}" in names
-    stage_two = [line for line in lines if "bootstrap" in line.split("--name ")[1].split()[0]]
-    assert names.index("t4-noise0.2-bootstrap-sam-seed0") > names.index("t4-noise0.8-mixup-a32-seed2")
-    for line in stage_two:  # each from its own stage-one run: same level, seed and alpha
-        name = line.split("--name ")[1].split()[0]
-        assert line.split("--relabel-from ")[1].split()[0] == "runs/" + name.replace("-bootstrap-", "-")
-    sam80 = [line for line in lines if "t4-noise0.8-sam-seed" in line]
-    assert all("configs/labelnoise/sam_80.yaml" in line for line in sam80)
-    assert all("--wandb-group table4" in line for line in lines)
+        sam = "configs/labelnoise/sam_80.yaml" if level == "0.8" else "configs/labelnoise/sam.yaml"
+        for seed in ("0", "1", "2"):
+            assert (level, seed, "configs/labelnoise/sgd.yaml", None, False) in cells
+            for bootstrap in (False, True):
+                assert (level, seed, sam, None, bootstrap) in cells
+                for alpha in ("1", "8", "16", "32"):
+                    assert (level, seed, "configs/labelnoise/mixup.yaml", alpha, bootstrap) in cells
+    for words, _ in runs:
+        if "--relabel-from" in words:  # from its own stage-one run: same level, seed and alpha
+            source = words[words.index("--relabel-from") + 1]
+            (stage_one,) = [w for w, f in runs if f == source]
+            assert [w for w in words if w not in ("--relabel-from", source)] == stage_one
+    assert all(w[w.index("--wandb-group") + 1] == "table4" for w, _ in runs)
 
 
 def test_table4_summary_in_the_papers_layout(tmp_path, capsys):

@@ -23,7 +23,7 @@ def tiny_data(tmp_path):
 
 @pytest.fixture(autouse=True)
 def no_projection(monkeypatch):
-    monkeypatch.setattr(train, "project_duration", lambda run: None)
+    monkeypatch.setattr(train, "project", lambda run: None)
 
 
 def weights(folder):
@@ -59,12 +59,12 @@ def test_a_switch_is_an_sgd_run_continued_as_sam(tiny_data, tmp_path, monkeypatc
     signal_at(monkeypatch, {6})
     assert train.main([*args, "--name", "stitched", "--optimizer", "sgd"]) == 75  # SGD, stopped after epoch 1
     monkeypatch.undo()
-    monkeypatch.setattr(train, "project_duration", lambda run: None)
+    monkeypatch.setattr(train, "project", lambda run: None)
     state = torch.load(tmp_path / "stitched" / "last.pt", weights_only=True)
     late = torch.load(tmp_path / "late" / "last.pt", weights_only=True)
     assert state["step"] == 6 and state["sam_steps"] == 0
     state["config"] = {**late["config"], "name": "stitched"}  # from here on, the late run's settings
-    checkpoint.save_atomic(state, tmp_path / "stitched" / "last.pt")
+    checkpoint.save_atomic(checkpoint.seal(state), tmp_path / "stitched" / "last.pt")
     assert train.main(["--resume", str(tmp_path / "stitched")]) == 0
     assert same_weights(weights(tmp_path / "late"), weights(tmp_path / "stitched"))
     rows = read_jsonl(tmp_path / "late" / "metrics.jsonl")
@@ -85,7 +85,7 @@ def test_stopped_across_the_switch_or_mid_draws_the_run_resumes_bitwise(tiny_dat
     signal_at(monkeypatch, {stop_at})
     assert train.main([*args, "--name", "split"]) == 75
     monkeypatch.undo()
-    monkeypatch.setattr(train, "project_duration", lambda run: None)
+    monkeypatch.setattr(train, "project", lambda run: None)
     assert train.main(["--resume", str(tmp_path / "split")]) == 0
     assert_same_run(tmp_path / "whole", tmp_path / "split")
 

@@ -2,12 +2,14 @@
 
 import copy
 import gc
+import math
 import warnings
 import weakref
 
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings, strategies as st
 from torch.func import functional_call
 
 from sam import SAM, frozen_bn_stats
@@ -501,3 +503,27 @@ def test_the_api_defaults_are_davda54s():
     second = [p.grad.clone() for p in model.parameters()]
     opt.second_step()
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), second))  # not zeroed either
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["rho", "eta", "lr", "momentum", "weight_decay"]),
+       st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5)))
+def test_sam_refuses_every_number_it_cannot_train_with(key, value):
+    """Generated values of each argument: a ValueError, or a step that leaves the weights finite."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    kwargs = {"lr": 0.1, "rho": 0.05, "momentum": 0.5, **{key: value}}
+    try:
+        optimizer = SAM(model.parameters(), torch.optim.SGD, adaptive=key == "eta", **kwargs)
+    except ValueError:
+        assert not (math.isfinite(value) and value >= 0)
+        return
+    assert math.isfinite(value) and value >= 0
+    if value > 1e6:
+        return  # accepted: what such a step does is the base optimizer's business
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.first_step(zero_grad=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.second_step(zero_grad=True)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

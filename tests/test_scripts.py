@@ -1,21 +1,25 @@
-"""Sweep scripts, the run queue, torchrun, and the results table."""
+"""Sweep scripts (scripts/*.sh through engine/sweep.py), the run queue, torchrun, and the results table."""
 
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from conftest import REPO, write_cifar10
+from engine import sweep
+from engine.config import default_name, parse_config
 
 sys.path.insert(0, str(REPO / "scripts"))
 import summarize  # noqa: E402
 
 TINY = ["--model", "wrn10_1", "--batch-size", "32", "--epochs", "1", "--device", "cpu", "--wandb-mode", "disabled"]
-TINY_SUFFIX = "+model=wrn10_1+batch-size=32+epochs=1"  # what TINY adds to a run's name
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -28,130 +32,215 @@ def data_for_the_checks(tmp_path_factory):
 
 
 def script(name, *args, env_extra=None):
-    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "WANDB_SILENT": "true",
-           **(env_extra or {})}
+    """A script as a user runs it: `python` on PATH is this interpreter."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "CUDA_VISIBLE_DEVICES": "", "WANDB_SILENT": "true", **(env_extra or {})}
     return subprocess.run(["bash", f"scripts/{name}", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
 
 
-def test_dry_run_of_the_rho_sweep_prints_the_papers_grid():
-    result = script("sweep_rho.sh", "configs/wrn28-10_sam.yaml", "--dry-run", "--", "--epochs", "3")
+def dry(name, *args, env_extra=None):
+    """A dry run's lines -> [(train.py arguments, run folder)]."""
+    at = args.index("--") if "--" in args else len(args)
+    result = script(name, *args[:at], "--dry-run", *args[at:], env_extra=env_extra)
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
-    assert lines == [
-        f"{sys.executable} train.py --epochs 3 --config configs/wrn28-10_sam.yaml --optimizer sam --rho {rho} "
-        f"--val-split 0.1 --seed 0 --out-dir runs --name wrn28-10_sam-rho{rho}-val0.1-seed0+epochs=3 "
-        f"--wandb-group rho-wrn28-10_sam+epochs=3"
-        for rho in ("0.01", "0.02", "0.05", "0.1", "0.2", "0.5")]
+    runs = []
+    for line in result.stdout.strip().splitlines():
+        command, folder = line.split("  # ")
+        words = shlex.split(command)
+        assert words[:2] == [sys.executable, "train.py"]
+        runs.append((words[2:], folder))
+    return runs
 
 
-def test_dry_run_of_the_m_sweep_lists_m_by_rho():
-    lines = script("sweep_m.sh", "configs/wrn28-10_sam.yaml", "--dry-run").stdout.strip().splitlines()
-    pairs = [(line.split("--m-sharpness ")[1].split()[0], line.split("--rho ")[1].split()[0]) for line in lines]
-    assert pairs == [(m, rho) for m in ("16", "32", "64", "128", "256")
-                     for rho in ("0.01", "0.02", "0.05", "0.1", "0.2", "0.5")]
-    assert all("--wandb-group m-wrn28-10_sam" in line and "--optimizer sam" in line for line in lines)
-    assert script("sweep_m.sh", "configs/wrn28-10_sam.yaml", "--m", "0", "--dry-run").returncode == 2
+def value(words, flag):
+    return words[words.index(flag) + 1]
 
 
-def test_run_names_carry_the_experiment_flags_given_after_the_double_dash():
-    lines = script("seeds.sh", "configs/resnet18_sam.yaml", "--seeds", "1", "--dry-run", "--", "--model", "wrn16_8",
-                   "--data-dir", os.environ["SAM_DATA_DIR"], "--lr=0.2", "--adaptive", "--wandb-mode",
-                   "offline").stdout.split()
-    assert lines[lines.index("--name") + 1] == "resnet18_sam-seed0+model=wrn16_8+lr=0.2+adaptive"
-    assert lines[lines.index("--wandb-group") + 1] == "seeds-resnet18_sam+model=wrn16_8+lr=0.2+adaptive"
+def folder_of(words):
+    """Where train.py itself puts a command's run (the independent reference for the sweep's names)."""
+    config = parse_config([w for w in words if w != "--resume"]).config
+    return str(Path(config["out_dir"]) / default_name(config))
 
 
-def test_the_scripts_operational_flags_are_the_settings_that_do_not_change_a_run():
-    from engine.config import SETTINGS
-    text = (REPO / "scripts" / "lib.sh").read_text()
-    listed = set(text.split('OPERATIONAL_FLAGS="')[1].split('"')[0].replace("\\", " ").split())
-    expected = set()
-    for name, spec in SETTINGS.items():
-        if not spec.experiment:
-            flag = "--" + name.replace("_", "-")
-            expected |= {flag, "--no-" + flag[2:]} if spec.type is bool else {flag}
-    assert listed == expected
+def test_the_rho_sweep_is_the_papers_grid_on_a_validation_split():
+    runs = dry("sweep_rho.sh", "configs/wrn28-10_sam.yaml", "--", "--epochs", "3")
+    assert [value(w, "--rho") for w, _ in runs] == ["0.01", "0.02", "0.05", "0.1", "0.2", "0.5"]
+    for words, folder in runs:
+        assert value(words, "--val-split") == "0.1" and value(words, "--wandb-group") == "rho-wrn28-10_sam"
+        assert folder == folder_of(words) and "+epochs=3" in folder and "+val_split=0.1" in folder
+    assert folder == "runs/sam_wrn28_10-cifar10-basic-sam-rho0.5-seed0+epochs=3+val_split=0.1"
 
 
-@pytest.mark.slow
-def test_dry_run_of_seeds_and_sgd_vs_sam():
-    seeds = script("seeds.sh", "configs/resnet18_sam.yaml", "--dry-run").stdout.strip().splitlines()
-    assert len(seeds) == 5 and all("--wandb-group seeds-resnet18_sam" in line for line in seeds)
-    assert [line.split("--seed ")[1].split()[0] for line in seeds] == ["0", "1", "2", "3", "4"]
-    table = script("sgd_vs_sam.sh", "configs/wrn28-10_sam.yaml", "--augment", "cutout", "--seeds", "2",
-                   "--dry-run").stdout.strip().splitlines()
-    assert [line.split("--optimizer ")[1].split()[0] for line in table] == ["sgd", "sam", "sgd"] * 2
-    assert all("--augment cutout" in line and "--wandb-group table1-wrn28-10-cutout" in line for line in table)
-    assert table[0].split("--name ")[1].split()[0] == "wrn28-10-cutout-sgd-seed0"
-    # Section 3.1: SGD also at twice the epochs, the config's length with the flags after -- applied
-    assert table[2].split("--name ")[1].split()[0] == "wrn28-10-cutout-sgd2x-seed0" and "--epochs 400" in table[2]
-    short = script("sgd_vs_sam.sh", "configs/wrn28-10_sam.yaml", "--seeds", "1", "--dry-run", "--", "--epochs",
-                   "3").stdout.strip().splitlines()
-    words = short[2].split()
-    assert words[words.index("--epochs", 3):][:2] == ["--epochs", "6"]  # after the user's --epochs 3: it wins
-    once = script("sgd_vs_sam.sh", "configs/wrn28-10_sam.yaml", "--seeds", "1", "--double-sgd", "no", "--dry-run")
-    assert len(once.stdout.strip().splitlines()) == 2
+def test_the_m_sweep_is_m_by_rho_and_its_variables_set_the_lists():
+    runs = dry("sweep_m.sh", "configs/wrn28-10_sam.yaml")
+    assert [(value(w, "--m-sharpness"), value(w, "--rho")) for w, _ in runs] == \
+        [(m, rho) for m in ("16", "32", "64", "128", "256") for rho in ("0.01", "0.02", "0.05", "0.1", "0.2", "0.5")]
+    short = dry("sweep_m.sh", "configs/wrn28-10_sam.yaml", env_extra={"MS": "8 64", "RHOS": "0.1", "SEED": "3"})
+    assert [(value(w, "--m-sharpness"), value(w, "--seed")) for w, _ in short] == [("8", "3"), ("64", "3")]
 
 
-def test_scripts_explain_themselves_and_reject_bad_input():
-    assert script("table4.sh", "--help").stdout.startswith("usage:")
-    assert "takes no CONFIG" in script("table4.sh", "configs/resnet18_sam.yaml").stderr
-    assert "unknown option" in script("table4.sh", "--bogus").stderr
-    for name in ("sweep_rho.sh", "seeds.sh", "sgd_vs_sam.sh", "sweep_m.sh"):
-        assert script(name, "--help").stdout.startswith("usage:")
-        missing = script(name)
-        assert missing.returncode == 2 and missing.stderr.startswith("error: missing CONFIG")
-        assert script(name, "configs/nope.yaml").returncode == 2
-        assert "unknown option" in script(name, "configs/resnet18_sam.yaml", "--bogus").stderr
+def test_sgd_vs_sam_trains_sgd_at_both_lengths_sam_and_late_sam():
+    runs = dry("sgd_vs_sam.sh", "configs/wrn28-10_sam.yaml",
+               env_extra={"SEEDS": "0 1", "AUGMENT": "cutout", "LATE_SAM": "150"})
+    assert [(value(w, "--optimizer"), value(w, "--epochs")) for w, _ in runs] == \
+        [("sgd", "200"), ("sam", "200"), ("sgd", "400"), ("sam", "200")] * 2
+    assert all(value(w, "--augment") == "cutout" and value(w, "--wandb-group") == "table1-wrn28-10-cutout"
+               for w, _ in runs)
+    assert value(runs[3][0], "--sam-start-epoch") == "150" and len({f for _, f in runs}) == 8
+    short = dry("sgd_vs_sam.sh", "configs/wrn28-10_sam.yaml", env_extra={"SEEDS": "0", "EPOCHS": "3",
+                                                                         "DOUBLE_SGD": "yes"})
+    assert [value(w, "--epochs") for w, _ in short] == ["3", "3", "6"]
+    assert len(dry("sgd_vs_sam.sh", "configs/wrn28-10_sam.yaml", env_extra={"SEEDS": "0", "DOUBLE_SGD": "no"})) == 2
 
 
-@pytest.mark.parametrize("name, args, message", [
-    ("seeds.sh", ["--seeds", "abc"], "--seeds takes a whole number >= 1, got 'abc'"),
-    ("seeds.sh", ["--seeds", "0"], "--seeds takes a whole number >= 1"),
-    ("seeds.sh", ["--gpus", "0,,1"], "--gpus takes GPU indices"),
-    ("seeds.sh", ["--out-dir"], "option --out-dir needs a value"),
-    ("seeds.sh", ["--seeds"], "option --seeds needs a value"),
-    ("sgd_vs_sam.sh", ["--augment", "mixup"], "--augment must be one of: basic cutout autoaugment"),
-    ("sweep_rho.sh", ["--grid", " "], "--grid needs at least one value"),
-    ("sweep_rho.sh", ["--grid", "0.05 big"], "--grid value takes a non-negative number, got 'big'"),
-    ("sweep_rho.sh", ["--val-split", "-1"], "--val-split takes a non-negative number"),
-    ("sweep_rho.sh", ["--seed", "x"], "--seed takes a whole number"),
+def test_table4s_bootstrap_runs_learn_from_the_folders_of_its_own_stage_1_runs():
+    runs = dry("table4.sh", "--", "--epochs", "2", env_extra={"SEEDS": "0", "LEVELS": "0.2 0.8", "ALPHAS": "8"})
+    folders = [f for _, f in runs]
+    stage2 = [(w, f) for w, f in runs if "--relabel-from" in w]
+    assert len(runs) == 10 and len(stage2) == 4 and len(set(folders)) == 10
+    for words, folder in stage2:
+        source = value(words, "--relabel-from")
+        assert source in folders and source != folder  # a stage-1 run of this very sweep
+        stage1 = next(w for w, f in runs if f == source)
+        assert [w for w in words if w not in ("--relabel-from", source)] == stage1
+    assert value(next(w for w, _ in runs if value(w, "--label-noise") == "0.8" and "sam_80" in value(w, "--config")),
+                 "--seed") == "0"
+
+
+FLAG_SPELLINGS = {"--batch-size": "--batch_size"}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.permutations([("--batch-size", "64"), ("--subset", "256"), ("--lr", "0.2"), ("--epochs", "1"),
+                        ("--label-smoothing", "0.1"), ("--device", "cpu")]),
+       st.lists(st.booleans(), min_size=6, max_size=6), st.integers(0, 6), st.sampled_from(["0", "7"]))
+def test_the_same_experiment_always_finds_the_same_folder(flags, forms, cut, seed):
+    """Flags in any order and spelling, split anywhere between the script's line and the flags after
+    --, name the folder train.py itself would use for the command."""
+    words = []
+    for (name, val), joined in zip(flags, forms):
+        name = FLAG_SPELLINGS.get(name, name) if joined else name
+        words.append([f"{name}={val}"] if joined else [name, val])
+    line = shlex.join(["--config", "configs/resnet18_sam.yaml", "--seed", seed, *sum(words[:cut], [])])
+    options, extra = sweep.parse(["--out-dir", "somewhere", "--", *sum(words[cut:], [])])
+    (run,) = sweep.resolve([line], extra, options)
+    assert str(run.dir) == folder_of([*shlex.split(line), *extra, "--out-dir", "somewhere"])
+    assert run.name == f"resnet18-cifar10-basic-sam-rho0.05-seed{seed}+epochs=1+batch_size=64+lr=0.2+m_sharpness=0" \
+                       "+label_smoothing=0.1+subset=256"  # settings order, whatever the flags' order
+
+
+def test_a_script_and_a_plain_command_of_one_experiment_share_a_folder():
+    ((args, folder),) = dry("seeds.sh", "configs/resnet18_sam.yaml", "--", "--batch_size=64", "--subset", "256",
+                            env_extra={"SEEDS": "0"})
+    assert folder == folder_of(args) == folder_of(["--subset=256", "--seed", "0", "--config",
+                                                   "configs/resnet18_sam.yaml", "--batch-size", "64"])
+
+
+@pytest.mark.parametrize("name, args, env, message", [
+    ("seeds.sh", [], {}, "give a config file first"),
+    ("seeds.sh", ["configs/nope.yaml"], {}, "give a config file first"),
+    ("seeds.sh", ["configs/resnet18_sam.yaml", "--bogus"], {}, "unrecognized arguments: --bogus"),
+    ("seeds.sh", ["configs/resnet18_sam.yaml"], {"SEEDS": " "}, "no runs"),
+    ("seeds.sh", ["configs/resnet18_sam.yaml"], {"SEEDS": "abc"}, "run 1 (--config configs/resnet18_sam.yaml --seed abc)"),
+    ("seeds.sh", ["configs/resnet18_sam.yaml"], {"SEEDS": "99999999999999999999"}, "seed must be in [0, 4294967295]"),
+    ("seeds.sh", ["configs/resnet18_sam.yaml"], {"SEEDS": "1 1"}, "are the same experiment"),
+    ("seeds.sh", ["configs/resnet18_sam.yaml", "--gpus", "0,,1"], {}, "--gpus takes distinct GPU indices"),
+    ("seeds.sh", ["configs/resnet18_sam.yaml", "--gpus", "0,0"], {}, "--gpus takes distinct GPU indices"),
+    ("seeds.sh", ["configs/resnet18_sam.yaml", "--out-dir"], {}, "argument --out-dir: expected one argument"),
+    ("seeds.sh", ["configs/resnet18_sam.yaml", "--", "--seed", "3"], {}, "--seed after -- is set by this script"),
+    ("seeds.sh", ["configs/resnet18_sam.yaml", "--", "--seed=3"], {}, "--seed after -- is set by this script"),
+    ("seeds.sh", ["configs/resnet18_sam.yaml", "--", "--name", "x"], {}, "--name after -- is not for train.py here"),
+    ("seeds.sh", ["configs/resnet18_sam.yaml", "--", "--out-dir", "x"], {}, "give the sweep's own --out-dir"),
+    ("seeds.sh", ["configs/resnet18_sam.yaml", "--", "--resume"], {}, "resumes interrupted runs itself"),
+    ("seeds.sh", ["configs/resnet18_sam.yaml", "--", "--lr", "abc"], {}, "argument --lr: invalid float value"),
+    ("sgd_vs_sam.sh", ["configs/resnet18_sam.yaml"], {"AUGMENT": "mixup"}, "argument --augment: invalid choice"),
+    ("sgd_vs_sam.sh", ["configs/resnet18_sam.yaml"], {"DOUBLE_SGD": "maybe"}, "DOUBLE_SGD is yes or no"),
+    ("sgd_vs_sam.sh", ["configs/resnet18_sam.yaml"], {"EPOCHS": "2x"}, "argument --epochs: invalid int value"),
+    ("sgd_vs_sam.sh", ["configs/resnet18_sam.yaml", "--", "--epochs", "3"], {}, "--epochs after -- is set by"),
+    ("sweep_rho.sh", ["configs/resnet18_sam.yaml"], {"RHOS": "0.05 big"}, "argument --rho: invalid float value"),
+    ("sweep_rho.sh", ["configs/resnet18_sam.yaml"], {"VAL_SPLIT": "1.5"}, "val_split must be in [0, 1)"),
+    ("sweep_m.sh", ["configs/resnet18_sam.yaml"], {"MS": "7"}, "m_sharpness 7 must divide"),
+    ("table4.sh", ["--", "--relabel-from", "x"], {"SEEDS": "0"}, "--relabel-from after -- is set by this script"),
+    ("table4.sh", [], {"LEVELS": "1.5"}, "label_noise must be in [0, 1], got 1.5"),
 ])
-def test_script_options_are_checked(name, args, message):
-    result = script(name, "configs/resnet18_sam.yaml", "--dry-run", *args)
-    assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1
+def test_bad_script_input_is_one_line_and_creates_nothing(tmp_path, name, args, env, message):
+    out = tmp_path / "runs"
+    result = script(name, *args[:1], "--out-dir", str(out), *args[1:], env_extra=env) if args[:1] != ["--"] and \
+        args and not args[0].startswith("configs/nope") else script(name, *args, env_extra=env)
+    assert result.returncode == 2 and result.stdout == "", (result.stdout, result.stderr)
+    assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert not out.exists()
+
+
+def test_a_run_that_waits_for_its_source_starts_once_the_source_has_finished(tmp_path, monkeypatch):
+    """The local queue: two slots, and a Bootstrap run queued first whose source is queued second."""
+    order = tmp_path / "order"
+
+    def command(run):
+        return ["sh", "-c", f"sleep 1; echo {run.name} $CUDA_VISIBLE_DEVICES >> {order}; touch {run.dir}/results.json"]
+    monkeypatch.setattr(sweep.Run, "command", command)
+    source = sweep.Run([], tmp_path / "source")
+    runs = [sweep.Run([], tmp_path / "bootstrap", source=source.dir), sweep.Run([], tmp_path / "other"), source]
+    assert sweep.run_local(runs, ["0", "1"]) == 0
+    lines = order.read_text().split()
+    assert lines[::2].index("bootstrap") > lines[::2].index("source") and set(lines[1::2]) <= {"0", "1"}
+    assert sweep.run_local(runs, ["0"]) == 0  # all finished: skipped
+    assert order.read_text().count("\n") == 3
+
+
+def test_a_run_whose_source_is_neither_finished_nor_in_the_sweep_waits_and_is_reported(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sweep.Run, "command", lambda run: ["sh", "-c", f"touch {run.dir}/results.json"])
+    runs = [sweep.Run([], tmp_path / "bootstrap", source=tmp_path / "elsewhere"), sweep.Run([], tmp_path / "plain")]
+    assert sweep.run_local(runs, ["cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "waiting: bootstrap" in out and "finished: 1 run(s)" in out and not (tmp_path / "bootstrap").exists()
+
+
+@pytest.mark.parametrize("gpus, expected", [("0,1", {"0", "1"}), ("3", {"3"}), ("", {""})])
+def test_the_queue_spreads_runs_over_the_listed_gpus(tmp_path, monkeypatch, gpus, expected):
+    devices = tmp_path / "devices"
+    monkeypatch.setattr(sweep.Run, "command", lambda run: ["sh", "-c", f"echo \"[$CUDA_VISIBLE_DEVICES]\" >> "
+                                                                         f"{devices}; sleep 1"])
+    options, _ = sweep.parse(["--gpus", gpus] if gpus else [])
+    assert sweep.run_local([sweep.Run([], tmp_path / str(i)) for i in range(4)], options.slots) == 0
+    assert {line.strip("[]") for line in devices.read_text().split()} == expected
 
 
 @pytest.mark.slow
 def test_queue_checks_every_run_first_reports_failures_skips_finished_and_resumes(tmp_path):
     data = write_cifar10(tmp_path / "data", per_batch=20)
     out = tmp_path / "runs"
-    seed0, seed1 = (f"resnet18_sam-seed{s}{TINY_SUFFIX}" for s in (0, 1))
+    args = ["configs/resnet18_sam.yaml", "--out-dir", str(out), "--", *TINY, "--data-dir", str(data)]
+    seed0, seed1 = (Path(folder_of(["--config", "configs/resnet18_sam.yaml", "--seed", str(s), *TINY,
+                                    "--out-dir", str(out)])).name for s in (0, 1))
     (out / seed1).mkdir(parents=True)
     (out / seed1 / "last.pt").write_bytes(b"not a checkpoint")  # an interrupted run, broken
-    args = ["configs/resnet18_sam.yaml", "--seeds", "2", "--out-dir", str(out), "--", *TINY,
-            "--data-dir", str(data)]
-    first = script("seeds.sh", *args)  # the check finds it before any run starts
+    first = script("seeds.sh", *args, env_extra={"SEEDS": "0 1"})  # the check finds it before any run starts
     assert first.returncode == 2 and first.stdout == ""
     assert first.stderr.startswith(f"error: {seed1}: --resume: ") and "not a readable train.py checkpoint" in first.stderr
     assert [p.name for p in out.iterdir()] == [seed1] and [p.name for p in (out / seed1).iterdir()] == ["last.pt"]
     # a failure only a run can meet: its metrics file cannot be written (a folder in its place)
     (out / seed1 / "last.pt").unlink()
     (out / seed1 / "metrics.jsonl").mkdir()
-    second = script("seeds.sh", *args)
+    second = script("seeds.sh", *args, env_extra={"SEEDS": "0 1"})
     assert second.returncode == 1
     assert "finished: 1 run(s), skipped (already finished): 0, failed: 1" in second.stdout
     assert f"failed: {seed1}" in second.stdout and (out / seed0 / "results.json").is_file()
     (out / seed1 / "metrics.jsonl").rmdir()
-    third = script("seeds.sh", *args)
+    third = script("seeds.sh", *args, env_extra={"SEEDS": "0 1"})
     assert third.returncode == 0, third.stdout + third.stderr
     assert f"skip {seed0} (finished)" in third.stdout
     assert "finished: 1 run(s), skipped (already finished): 1, failed: 0" in third.stdout
     assert (out / seed1 / "results.json").is_file()
     log = (out / seed1 / "stdout.log").read_text()  # the retry kept the failed attempt's log
     assert log.count("=== ") == 2 and "metrics.jsonl" in log
+    # a plain train.py command of the same experiment finds the sweep's folder, finished
+    plain = subprocess.run([sys.executable, "train.py", "--seed", "0", *TINY, "--config", "configs/resnet18_sam.yaml",
+                            "--out-dir", str(out), "--data-dir", str(data), "--resume"], cwd=REPO, capture_output=True,
+                           text=True)
+    assert plain.returncode == 0 and f"run {out / seed0} is finished" in plain.stdout
 
 
 @pytest.mark.slow
@@ -159,36 +248,23 @@ def test_queue_resumes_an_interrupted_run(tmp_path):
     data = write_cifar10(tmp_path / "data", per_batch=20)
     out = tmp_path / "runs"
     extra = [*TINY[:5], "2", *TINY[6:]]  # TINY with 2 epochs
-    name = "resnet18_sam-seed0+model=wrn10_1+batch-size=32+epochs=2"
     env = {**os.environ, "WANDB_SILENT": "true"}
     one = subprocess.run([sys.executable, "train.py", "--config", "configs/resnet18_sam.yaml", *extra, "--data-dir",
-                          str(data), "--out-dir", str(out), "--name", name, "--seed", "0"],
+                          str(data), "--out-dir", str(out), "--seed", "0"],
                          cwd=REPO, env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
+    (name,) = [p.name for p in out.iterdir()]
     state = torch.load(out / name / "last.pt", weights_only=True)
     (out / name / "results.json").unlink()  # as if killed after the last checkpoint: no results yet
-    dry = script("seeds.sh", "configs/resnet18_sam.yaml", "--seeds", "1", "--out-dir", str(out), "--dry-run", "--",
-                 *extra)
-    assert "--resume" in dry.stdout.split()
-    run = script("seeds.sh", "configs/resnet18_sam.yaml", "--seeds", "1", "--out-dir", str(out), "--", *extra,
-                 "--data-dir", str(data))
+    ((words, folder),) = dry("seeds.sh", "configs/resnet18_sam.yaml", "--out-dir", str(out), "--", *extra,
+                             env_extra={"SEEDS": "0"})
+    assert words[-1] == "--resume" and folder == str(out / name)
+    run = script("seeds.sh", "configs/resnet18_sam.yaml", "--out-dir", str(out), "--", *extra, "--data-dir", str(data),
+                 env_extra={"SEEDS": "0"})
     assert run.returncode == 0, run.stdout
     assert json.loads((out / name / "results.json").read_text())["epochs"] == 2
     assert torch.equal(torch.load(out / name / "last.pt", weights_only=True)["model"]["fc.weight"],
                        state["model"]["fc.weight"])  # nothing was trained again
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("gpus, expected", [("0,1", {"0", "1"}), ("3", {"3"})])
-def test_queue_spreads_runs_over_the_listed_gpus(tmp_path, gpus, expected):
-    """A fake python records which CUDA_VISIBLE_DEVICES each run got."""
-    fake = tmp_path / "fake_python"
-    fake.write_text(f"#!/bin/sh\necho \"$CUDA_VISIBLE_DEVICES\" >> {tmp_path}/devices\nsleep 1\n")
-    fake.chmod(0o755)
-    result = script("seeds.sh", "configs/resnet18_sam.yaml", "--seeds", "4", "--gpus", gpus, "--out-dir",
-                    str(tmp_path / "runs"), env_extra={"PYTHON": str(fake)})
-    assert result.returncode == 0 and "finished: 4 run(s)" in result.stdout
-    assert set((tmp_path / "devices").read_text().split()) == expected
 
 
 @pytest.mark.slow
@@ -202,12 +278,12 @@ def test_torchrun_two_processes_identical_replicas_and_resume(tmp_path):
     first = subprocess.run([*base, "--epochs", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "replicas identical: 2 ranks" in first.stdout
-    resumed = subprocess.run([*base, "--epochs", "2", "--resume", "--allow-changes"], cwd=REPO, env=env, capture_output=True,
+    state = torch.load(tmp_path / "runs" / "ddp" / "last.pt", weights_only=True)
+    (tmp_path / "runs" / "ddp" / "results.json").unlink()  # as if stopped after its last checkpoint
+    resumed = subprocess.run([*base, "--epochs", "1", "--resume"], cwd=REPO, env=env, capture_output=True,
                              text=True, timeout=180)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "replicas identical: 2 ranks" in resumed.stdout
-    state = torch.load(tmp_path / "runs" / "ddp" / "last.pt", weights_only=True)
-    assert state["epoch"] == 2 and state["step"] == 2 * (200 // 32)
+    assert "replicas identical: 2 ranks" in resumed.stdout and state["step"] == 200 // 32
 
 
 def write_results(folder, name, **fields):

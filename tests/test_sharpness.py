@@ -2,6 +2,7 @@
 computations of m-sharpness and of Li et al.'s filter normalisation; the CLI end to end."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,3 +177,192 @@ def test_cli_bad_input_is_one_line_exit_2(tiny_runs, capsys, args, message):
     assert sharpness.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+
+
+# -- --lanczos-steps ----------------------------------------------------------------------------------------
+
+class CountingOperator(HessianOperator):
+    products = 0
+
+    def __call__(self, vector):
+        type(self).products += 1
+        return super().__call__(vector)
+
+
+def test_fewer_lanczos_steps_run_fewer_hessian_vector_products():
+    model, batches = tiny()
+    counted = {}
+    for steps in (None, 4):
+        CountingOperator.products = 0
+        op = CountingOperator(lambda b: nn.functional.cross_entropy(model(b[0]), b[1]), model.parameters(), batches)
+        values = top_eigenvalues(op, 2, steps=steps)
+        counted[steps] = CountingOperator.products
+        assert len(values) == 2
+    assert counted == {None: 32, 4: 4}  # the default max(3k, k + 30) for k = 2, then exactly what was asked
+
+
+@pytest.mark.slow
+def test_lanczos_steps_reach_the_lanczos_routine(tiny_runs, tmp_path, monkeypatch):
+    import analysis.hessian
+    asked, real = [], analysis.hessian.lanczos
+
+    def recording(operator, start, steps, progress=None):
+        asked.append(steps)
+        return real(operator, start, steps, progress)
+
+    monkeypatch.setattr(analysis.hessian, "lanczos", recording)
+    run = tiny_runs / "runs" / "sgd"
+    common = [str(run), "--hessian", "2", "--batches", "1", "--batch-size", "32", "--wandb-mode", "disabled"]
+    assert sharpness.main([*common, "--lanczos-steps", "3", "--out", str(tmp_path / "three")]) == 0
+    assert asked == [3]
+    result = json.loads((tmp_path / "three" / "sharpness.json").read_text())
+    assert result["lanczos_steps"] == 3 and len(result["hessian_eigenvalues"]) == 2
+    monkeypatch.setattr(analysis.hessian, "lanczos", lambda op, start, steps, progress=None:
+                        asked.append(steps) or ([1.0] * steps, [0.5] * (steps - 1)))  # the default, without its cost
+    assert sharpness.main([*common, "--out", str(tmp_path / "default")]) == 0
+    assert asked == [3, 32]
+    assert json.loads((tmp_path / "default" / "sharpness.json").read_text())["lanczos_steps"] == 32
+
+
+@pytest.mark.parametrize("args, message", [
+    (["RUN", "--hessian", "3", "--lanczos-steps", "2"], "--lanczos-steps must be an integer in [3, 10000]"),
+    (["RUN", "--hessian", "1", "--lanczos-steps", "0"], "--lanczos-steps must be an integer in [1, 10000]"),
+    (["RUN", "--hessian", "1", "--lanczos-steps", "-5"], "--lanczos-steps must be"),
+    (["RUN", "--hessian", "1", "--lanczos-steps", "10001"], "--lanczos-steps must be"),
+    (["RUN", "--density", "--lanczos-steps", "5"], "add --hessian K"),
+    (["RUN", "--hessian", "2", "--lanczos-steps", "2.5"], "invalid int value"),
+    (["RUN", "--hessian", "2", "--lanczos-steps", "many"], "invalid int value"),
+])
+def test_bad_lanczos_steps_are_one_line_exit_2(tiny_runs, capsys, args, message):
+    args = [str(tiny_runs / "runs" / "sam") if a == "RUN" else a for a in args]
+    try:
+        code = sharpness.main(args)
+    except SystemExit as e:  # argparse's own errors: OneLineParser exits 2
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+
+
+def test_lanczos_steps_is_in_the_help(capsys):
+    with pytest.raises(SystemExit):
+        sharpness.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--lanczos-steps N" in help_text and "default: max(3K, K + 30)" in help_text
+
+
+# -- output paths: refused before anything is loaded, measured or drawn ---------------------------------------
+
+def test_out_paths_that_must_not_be_written_are_refused_first(tiny_runs, tmp_path, capsys, monkeypatch):
+    from analysis import figures
+
+    def fail(*args, **kwargs):
+        raise AssertionError("loaded, measured or drew before checking the output paths")
+
+    monkeypatch.setattr(sharpness, "Measured", fail)
+    run = tiny_runs / "runs" / "sam"
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "json-is-a-folder" / "sharpness.json").mkdir(parents=True)
+    (tmp_path / "png-is-a-folder" / "landscape_1d.png").mkdir(parents=True)
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "sharpness.json").symlink_to(run / "last.pt")
+    cases = [(tmp_path / "a-file", "it is a file"), (tmp_path / "missing" / "deeper", "does not exist"),
+             (tmp_path / "json-is-a-folder", "is a folder"), (tmp_path / "png-is-a-folder", "is a folder"),
+             (tmp_path / "linked", "own last.pt"),
+             *((run / name, f"own {name}") for name in figures.RUN_FILES if (run / name).exists())]
+    if Path("/proc/self").is_dir():
+        cases.append((Path("/proc/sharpness-out"), "not writable"))
+    before = {p: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    for out, message in cases:
+        assert sharpness.main([str(run), "--landscape", "1d", "--out", str(out)]) == 2, out
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and message in err[0], (out, err)
+    assert before == {p: p.read_bytes() for p in run.iterdir() if p.is_file()}
+
+
+def test_a_run_folder_that_cannot_take_the_outputs_is_refused_before_measuring(tiny_runs, tmp_path, capsys,
+                                                                               monkeypatch):
+    import shutil
+    run = tmp_path / "sam"
+    shutil.copytree(tiny_runs / "runs" / "sam", run, ignore=shutil.ignore_patterns("wandb", "sharpness.json", "*.png"))
+    (run / "landscape_1d.png").mkdir()
+    monkeypatch.setattr(sharpness, "measure", lambda *a: (_ for _ in ()).throw(AssertionError("measured")))
+    assert sharpness.main([str(run), "--landscape", "1d", "--batches", "1", "--batch-size", "32",
+                           "--wandb-mode", "disabled"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "landscape_1d.png is a folder" in err[0]
+
+
+# -- the figures: readable at the sizes people look at them -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def comparison(tiny_runs, tmp_path_factory):
+    """sharpness.json of an SGD-SAM comparison with every figure, on tiny runs."""
+    out = tmp_path_factory.mktemp("comparison")
+    runs = tiny_runs / "runs"
+    assert sharpness.main(["--compare", str(runs / "sgd"), str(runs / "sam"), "--density", "--density-runs", "1",
+                           "--density-steps", "8", "--landscape", "1d", "2d", "interp", "--points", "5",
+                           "--batches", "1", "--batch-size", "32", "--out", str(out), "--wandb-mode", "disabled"]) == 0
+    return json.loads((out / "sharpness.json").read_text())
+
+
+@pytest.mark.slow
+def test_every_figure_is_readable(comparison):
+    from test_figures import assert_readable
+    drawn = sharpness.draw(comparison["runs"], comparison["interpolation"])
+    assert set(drawn) == {"hessian_density.png", "landscape_1d.png", "landscape_2d.png", "interpolation.png"}
+    for name, fig in drawn.items():
+        assert_readable(fig)
+
+
+@pytest.mark.slow
+def test_landscape_1d_marks_its_few_points_and_its_legend_clears_the_axis_label(comparison):
+    from test_figures import drawn as render, labelled_lines
+    fig = sharpness.draw(comparison["runs"])["landscape_1d.png"]
+    renderer = render(fig)
+    (ax,) = fig.axes
+    (legend,) = fig.legends
+    box = legend.get_window_extent(renderer)
+    for label in (ax.xaxis.label, ax.yaxis.label):
+        assert not box.overlaps(label.get_window_extent(renderer))
+    lines = labelled_lines(fig)
+    assert [line.get_label() for line in lines] == ["sgd", "sam"]
+    assert all(len(line.get_xdata()) == 5 and line.get_marker() not in (None, "None", "") for line in lines)
+    assert lines[0].get_linestyle() != lines[1].get_linestyle()  # curves that coincide stay visible
+
+
+@pytest.mark.slow
+def test_density_axis_keeps_every_bump_and_drops_the_empty_decades(comparison):
+    fig = sharpness.draw(comparison["runs"])["hessian_density.png"]
+    (ax,) = fig.axes
+    bottom, top = ax.get_ylim()
+    peaks = []
+    for run in comparison["runs"].values():
+        d = run["density"]["density"]
+        peaks += [v for a, v, b in zip(d, d[1:], d[2:]) if v >= a and v >= b and v > max(d) * 1e-15]
+        assert max(d) <= top
+    assert peaks and bottom <= min(peaks)  # every Ritz value's bump in view
+    assert bottom >= min(peaks) / 100  # and not twelve decades of nothing under them
+    assert ax.get_yscale() == "log"
+
+
+@pytest.mark.slow
+def test_landscape_2d_fills_its_minimum_and_marks_the_trained_weights(comparison):
+    fig = sharpness.draw(comparison["runs"])["landscape_2d.png"]
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["sgd", "sam"]
+    lowest = min(v for run in comparison["runs"].values() for row in run["landscape_2d"]["loss"] for v in row)
+    for ax in panels:
+        (filled,) = [c for c in ax.collections if getattr(c, "filled", False)]
+        assert filled.levels[0] <= lowest  # no blank hole around the minimum
+        (marker,) = [line for line in ax.get_lines() if line.get_marker() == "x"]
+        assert list(marker.get_xdata()) == [0] and list(marker.get_ydata()) == [0]
+
+
+@pytest.mark.slow
+def test_interpolation_marks_where_each_run_sits(comparison):
+    fig = sharpness.draw(comparison["runs"], comparison["interpolation"])["interpolation.png"]
+    (ax,) = fig.axes
+    vertical = [line for line in ax.get_lines() if line.get_transform() is not ax.transData]
+    assert sorted((line.get_xdata()[0], line.get_label()) for line in vertical) == [(0, "alpha 0: sgd"),
+                                                                                    (1, "alpha 1: sam")]

@@ -1,0 +1,168 @@
+"""What every figure of scripts/plot.py and sharpness.py shares, so each stays readable at the sizes
+people look at them (a README column, a slide): fonts sized for a figure shrunk to half its width,
+a marker on every point of a short series (a one-point series is a marker, never an invisible line),
+integer epoch ticks, tick labels as plain numbers (never "4x10^0"), a log axis only where the values
+span more than a decade, legends outside the axes (they never hide data or an axis label), and
+distinct line styles, so curves that coincide stay visible. And the checks of an output path,
+made before anything is computed or drawn. No torch here: scripts/plot.py imports it."""
+
+import math
+import os
+from pathlib import Path
+
+FEW = 20  # series of at most this many points are drawn with a marker on each
+STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+RC = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9, "ytick.labelsize": 9,
+      "legend.fontsize": 9, "lines.linewidth": 1.6}
+RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "results.json", ".lock", "stdout.log")  # train.py's own
+
+
+def style(i):
+    """Line style and marker of the i-th series drawn on an axes."""
+    return {"linestyle": STYLES[i % len(STYLES)], "marker": MARKERS[i % len(MARKERS)]}
+
+
+def line(ax, x, y, marker="o", **kwargs):
+    """ax.plot, with `marker` on every point when the series has at most FEW points."""
+    x, y = list(x), list(y)
+    if len(x) <= FEW:
+        kwargs.update(marker=marker, markersize=6 if len(x) == 1 else 4.5)
+    return ax.plot(x, y, **kwargs)
+
+
+def integer_ticks(axis):
+    """Ticks at whole numbers only (epochs): never 1.0, 1.2, 1.4 on a 2-epoch run."""
+    from matplotlib.ticker import MaxNLocator
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def plain(axis):
+    """Linear axis, labels as plain numbers: no offset ("+2.05") and no scientific notation."""
+    from matplotlib.ticker import ScalarFormatter
+    formatter = ScalarFormatter(useOffset=False)
+    formatter.set_scientific(False)
+    axis.set_major_formatter(formatter)
+
+
+def plain_log_formatter():
+    """matplotlib's LogFormatter (it thins the minor labels to what fits), with every label a plain
+    number: 0.01, 0.2, 1, 30 (its own writes 1e-02)."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLog(LogFormatter):
+        def _num_to_string(self, x, vmin, vmax):
+            return f"{x:.3g}"
+
+    return PlainLog(labelOnlyBase=False)
+
+
+def log_or_linear(ax, values, which="y"):
+    """A log scale when the finite positive `values` span more than a decade, else linear; either way
+    labelled with plain numbers (0.5, 1, 2 or 0.01, 0.1, 1), never "2x10^0". -> the scale chosen."""
+    finite = [v for v in values if math.isfinite(v)]
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    if finite and min(finite) > 0 and max(finite) / min(finite) > 10:
+        (ax.set_yscale if which == "y" else ax.set_xscale)("log")
+        axis.set_major_formatter(plain_log_formatter())
+        axis.set_minor_formatter(plain_log_formatter())
+        return "log"
+    plain(axis)
+    return "linear"
+
+
+def wrap(text, width):
+    """`text` in lines of at most about `width` characters, broken at spaces, '-', '+' and '/' where it can."""
+    import textwrap
+    marked = text.replace("/", "/\u200b").replace("+", "+\u200b")
+    lines = textwrap.wrap(marked.replace("\u200b", " \u200b"), width, break_on_hyphens=True)
+    return "\n".join(line.replace(" \u200b", "").replace("\u200b", "") for line in lines) or text
+
+
+def chars_across(width_in, fontsize):
+    """About how many characters of `fontsize` points fit `width_in` inches (DejaVu Sans: ~0.6 em each)."""
+    return max(10, int(width_in * 72 / (0.6 * fontsize)))
+
+
+def legend_below(fig, handles, labels, width_in):
+    """The figure's legend under its axes (a constrained-layout figure makes room for it), in as many
+    columns as fit `width_in` inches, a label too long for the width wrapped. -> the legend, or None
+    without entries."""
+    if not handles:
+        return None
+    across = chars_across(width_in, RC["legend.fontsize"]) - 8  # the handle and the margins
+    labels = [wrap(label, across) for label in labels]
+    longest = max(len(line) for label in labels for line in label.splitlines()) + 8
+    ncols = min(len(labels), max(1, (across + 8) // longest), 4)
+    return fig.legend(handles, labels, loc="outside lower center", ncols=ncols, frameon=False)
+
+
+class OutputError(ValueError):
+    """An output path that must not be written; one line naming it and the fix."""
+
+
+def run_folder_file(path):
+    """The run folder whose own file `path` is (after following links), or None."""
+    real = Path(os.path.realpath(path))
+    folder = real.parent
+    if real.name in RUN_FILES and any((folder / name).is_file() for name in ("config.yaml", "metrics.jsonl", "last.pt")):
+        return folder
+    return None
+
+
+def check_output_file(path, option="--out", example="curves.png"):
+    """A file about to be written (or overwritten): its folder exists and is writable, it is not a folder,
+    and it is not a file of a run folder train.py wrote. OutputError otherwise."""
+    path = Path(path)
+    folder = run_folder_file(path)
+    if folder is not None:
+        raise OutputError(f"{option} {path}: that is run folder {folder}'s own {Path(os.path.realpath(path)).name}, "
+                          f"which no tool overwrites; choose another {option}")
+    if path.is_dir():
+        raise OutputError(f"{option} {path} is a folder; give a file name in it, e.g. {path / example}" if example else
+                          f"{option}: {path} is a folder, where a file is to be written; move it or choose another")
+    parent = path.parent
+    if not parent.is_dir():
+        raise OutputError(f"{option} {path}: folder {parent} does not exist; create it or choose another")
+    if not writable(parent) or (path.exists() and not writable(path)):
+        raise OutputError(f"{option} {path}: {path if path.exists() else parent} is not writable; choose another")
+
+
+def check_output_folder(path, names, option="--out"):
+    """A folder about to receive the files `names`: it is a folder (or is to be created in an existing
+    one), writable, and none of those files is a folder or a run's own file. OutputError otherwise."""
+    path = Path(path)
+    folder = run_folder_file(path)
+    if folder is not None:
+        raise OutputError(f"{option} {path}: that is run folder {folder}'s own {Path(os.path.realpath(path)).name}; "
+                          f"give a folder (the run folder itself, or another)")
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{option} {path}: cannot write the output folder there, it is a file; give a folder")
+    if not path.exists():
+        if not path.parent.is_dir():
+            raise OutputError(f"{option} {path}: folder {path.parent} does not exist; create it or choose another")
+        if not writable(path.parent):
+            raise OutputError(f"{option} {path}: {path.parent} is not writable, so {path} cannot be created; "
+                              f"choose another")
+        return
+    if not writable(path):
+        raise OutputError(f"{option} {path} is not writable; choose another folder")
+    for name in names:
+        check_output_file(path / name, option, example=None)
+
+
+def writable(path):
+    """Whether a file can be written at `path` (an existing file: opened for appending, unchanged) or in
+    it (a folder: a temporary file created there and removed), tried for real: permission bits say
+    nothing to root, nor about a read-only mount or /proc."""
+    import tempfile
+    try:
+        if Path(path).is_dir():
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+                pass
+        else:
+            with open(path, "ab"):
+                pass
+        return True
+    except OSError:
+        return False

@@ -1,0 +1,116 @@
+"""Everything about a command that can be refused before anything is written: its settings against
+the resolved device and process count, its environment, its run folder, its data files. train.py
+runs these first; `train.py --check` and the sweeps (engine/sweep.py) run them alone."""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from data.cifar import check_files
+from engine import checkpoint
+from engine.config import ConfigError, m_sharpness_error
+from engine.resume import run_folder
+from engine.step import Runtime, group_count, resolve_runtime
+from engine.tracker import has_wandb_credentials, wandb_mode
+
+
+@dataclass
+class Resolved:
+    """A command resolved without its data or model: what --check reports and train.py builds on."""
+    config: dict
+    run_dir: Path
+    state: dict            # the checkpoint on --resume, else None
+    earlier: dict          # config.yaml of an earlier attempt, else None
+    runtime: Runtime
+    world_size: int
+    finished: bool
+    stamp: tuple           # last.pt's (mtime, size) when read
+
+
+def torchrun_environment():
+    """(world size, rank, local rank) from torchrun's variables; a plain `python train.py` is (1, 0, 0)."""
+    values = {}
+    for key, default in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        text = os.environ.get(key, default)
+        if not text.strip().isdigit():
+            raise ConfigError(f"${key} is {text!r}, not a whole number; unset it, or start the processes with torchrun")
+        values[key] = int(text)
+    world, rank, local = values["WORLD_SIZE"], values["RANK"], values["LOCAL_RANK"]
+    if world < 1 or rank >= world or local >= world:
+        raise ConfigError(f"$WORLD_SIZE={world}, $RANK={rank}, $LOCAL_RANK={local} do not describe a world of "
+                          f"processes (need WORLD_SIZE >= 1 and ranks below it); unset them, or use torchrun")
+    return world, rank, local
+
+
+def resolve(parsed):
+    config, run_dir, state, earlier, stamp = run_folder(parsed)
+    world_size, rank, local_rank = torchrun_environment()
+    runtime = resolve_runtime(config, local_rank)
+    if config["batch_size"] % world_size:
+        raise ConfigError(f"batch size {config['batch_size']} does not split evenly over {world_size} "
+                          f"processes; use a multiple of {world_size}")
+    check_combinations(config, runtime, world_size)
+    if rank == 0 and wandb_mode(config["wandb_mode"]) == "online" and not has_wandb_credentials():
+        raise ConfigError("W&B online mode needs credentials and we never prompt: run `wandb login` or set "
+                          "WANDB_API_KEY, or use --wandb-mode offline")
+    finished = state is not None and state["epoch"] >= config["epochs"] and (run_dir / "results.json").exists()
+    if not finished:
+        check_writable(run_dir)
+        if rank == 0 and checkpoint.holder(run_dir):
+            raise ConfigError(checkpoint.in_use(run_dir))
+    return Resolved(config, run_dir, state, earlier, runtime, world_size, finished, stamp)
+
+
+def check(parsed):
+    """--check: the command's settings, run folder, device and data files, without training -> a line."""
+    r = resolve(parsed)
+    if r.finished:
+        return f"{r.run_dir} is finished; nothing to do"
+    check_files(r.config["dataset"], r.config["data_dir"], r.config["download"])
+    if r.config["relabel_from"]:
+        relabel_source(r.config)
+    return f"{r.run_dir} ({'resumes at step ' + str(r.state['step']) if r.state else 'a new run'})"
+
+
+def check_combinations(config, runtime, world_size):
+    """Settings that only the resolved device, precision or process count can rule out."""
+    m = config["m_sharpness"]
+    if m and (config["batch_size"] // world_size) % m:
+        raise ConfigError(m_sharpness_error(config, world_size))
+    if group_count(config, world_size) > 1:
+        if runtime.precision == "fp16":
+            raise ConfigError("--m-sharpness does not support --precision fp16 (its GradScaler); use bf16 or fp32")
+        if config["compile"] != "off":
+            raise ConfigError("--compile does not apply to the per-group step of --m-sharpness yet (it runs "
+                              "eagerly); drop --compile, or use --m-sharpness 0")
+    if config["sam_second_order"]:
+        for problem, fix in ((group_count(config, world_size) > 1, "--m-sharpness 0 (or the whole batch)"),
+                             (runtime.precision == "fp16", "--precision bf16 or fp32"),
+                             (config["compile"] != "off", "--compile off (compiled graphs have no double backward)"),
+                             (world_size > 1, "one process (it needs each replica's own second gradient)")):
+            if problem:
+                raise ConfigError(f"--sam-second-order does not combine with this setting; use {fix}")
+
+
+def check_writable(run_dir):
+    for path in (run_dir, *run_dir.parents):
+        if path.is_symlink() and not path.exists():
+            raise ConfigError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; create "
+                              f"it or choose another --out-dir")
+        if path.exists():
+            break
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        raise ConfigError(f"cannot create or write the run folder {run_dir}: {existing} is not a writable folder; "
+                          f"choose another --out-dir")
+
+
+def relabel_source(config):
+    """--relabel-from names a finished run's checkpoint on the same data set (read, not loaded)."""
+    try:
+        source = checkpoint.load(checkpoint.find(config["relabel_from"]))["config"]
+    except ValueError as e:
+        raise ConfigError(f"--relabel-from: {e}; pass a finished run's folder or its last.pt") from None
+    if source.get("dataset") != config["dataset"]:
+        raise ConfigError(f"--relabel-from {config['relabel_from']}: that model was trained on {source.get('dataset')}"
+                          f", this run is on {config['dataset']}; pass a run on the same data set")

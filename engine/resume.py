@@ -1,0 +1,119 @@
+"""A run's folder, and what --resume continues from. A resumed run is the same experiment: its own
+settings, its own data files, its own checkpoint; a command that would change any of them is refused
+in one line, naming what differs."""
+
+from pathlib import Path
+
+import yaml
+
+from engine import checkpoint
+from engine.config import EXPERIMENT, SETTINGS, ConfigError, default_name, defaults, validate
+
+
+def stamp(path):
+    """(mtime, size) of a file, or None: a second process must not slip in between reading and locking."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size
+
+
+def read_run_config(run_dir):
+    """The config.yaml a run folder holds (written when the run started) -> {config, meta}, or None."""
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
+        return None
+    if not isinstance(saved, dict):
+        return None
+    meta = saved.pop("meta", {})
+    return {"config": saved, "meta": meta if isinstance(meta, dict) else {}}
+
+
+def experiment_changes(saved, config):
+    return {k: (saved.get(k, SETTINGS[k].default), config[k]) for k in EXPERIMENT
+            if saved.get(k, SETTINGS[k].default) != config[k]}
+
+
+def describe(changes):
+    return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+
+
+def run_folder(parsed):
+    """-> (config, run folder, checkpoint or None, config.yaml found there or None, last.pt's stamp).
+    On --resume the config is the run's own, completed by what this command gave that does not change
+    the experiment (a device, a W&B mode, ...)."""
+    config = parsed.config
+    if parsed.resume in (None, "auto"):
+        run_dir = Path(config["out_dir"]) / (config["name"] or default_name(config))
+        path = run_dir / "last.pt"
+    else:
+        path = checkpoint.find(parsed.resume)
+        run_dir = path.parent
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{path} is not a file, so it cannot be this run's checkpoint; move it away and run again")
+    earlier = read_run_config(run_dir)
+    if parsed.resume is None:
+        if path.exists():
+            raise ConfigError(f"run folder {run_dir} already holds a run; pass --resume to continue it "
+                              f"or --name for a new run")
+        if earlier and experiment_changes(earlier["config"], config):
+            raise ConfigError(f"run folder {run_dir} holds an unfinished attempt of a different experiment "
+                              f"({describe(experiment_changes(earlier['config'], config))}); use another --name")
+        return config, run_dir, None, earlier, stamp(path)
+
+    if path.is_file():
+        try:
+            state = checkpoint.load(path)
+        except ValueError as e:
+            raise ConfigError(f"--resume: {e}; pass the last.pt of a run folder") from None
+        checkpoint.check_belongs(state, earlier, run_dir)
+        saved = state["config"]
+    elif earlier is not None:  # stopped before its first checkpoint: start it over with its settings
+        state, saved = None, earlier["config"]
+    else:
+        raise ConfigError(f"--resume: no checkpoint at {path}; check --out-dir/--name or pass the run folder "
+                          f"(its name changes with the settings: see python train.py --check)")
+    config = {**defaults(), **{k: v for k, v in saved.items() if k in SETTINGS},
+              **parsed.given, "out_dir": str(run_dir.parent), "name": run_dir.name}
+    validate(config, parsed.flags)
+    changes = experiment_changes(saved, config)
+    if changes:
+        raise ConfigError(f"resuming {run_dir} with settings that change the experiment: {describe(changes)}; a "
+                          f"resumed run continues the same experiment: drop them, or start a new run with them")
+    return config, run_dir, state, earlier, stamp(path)
+
+
+def check_data(state, fingerprint, folder):
+    """A resumed run trains on the data files it trained on so far (the checksums its checkpoint holds)."""
+    recorded = state["data_md5"] if state else None
+    if recorded is not None and recorded != fingerprint["md5"]:
+        differ = sorted(f for f in {*recorded, *fingerprint["md5"]} if recorded.get(f) != fingerprint["md5"].get(f))
+        raise ConfigError(f"the data in {folder} is not what this run trained on ({', '.join(differ)} differ from "
+                          f"the checksums in its checkpoint); point --data-dir at the run's data")
+
+
+def restore(run, state):
+    """Load a checkpoint into the run: weights, momentum, the step (and so the learning rate), the
+    random state, and the position in the epoch. The settings are the run's own (run_folder)."""
+    t = run.training
+    try:
+        t.model.load_state_dict(state["model"])
+        t.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0][:160]
+        raise ConfigError(f"--resume: the checkpoint does not fit this run's model/optimizer "
+                          f"({state['config'].get('model')} saved, {run.config['model']} built): {first}") from None
+    t.schedule.seek(state["step"])
+    if t.scaler and state["scaler"]:
+        t.scaler.load_state_dict(state["scaler"])
+    checkpoint.set_rng_state(state["rng"])
+    run.epoch, run.batch, run.step, run.sam_steps = state["epoch"], state["batch"], state["step"], state["sam_steps"]
+    run.best, run.last_metrics, run.wall_time = state["best"], state["metrics"], state["wall_time"]
+    if state["partial"]:  # stopped mid-epoch: the epoch's sums so far (global: rank 0 carries them)
+        run.partial = {**state["partial"], "sums": state["partial"]["sums"].to(run.runtime.device)}
+        run.window.load_state_dict(state["partial"]["window"])
+        if not run.dist.main:
+            run.partial["sums"].zero_()
+            run.window.sums.zero_()

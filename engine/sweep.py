@@ -1,0 +1,250 @@
+"""What the sweep scripts share. Each `scripts/*.sh` is a shell loop that prints one train.py
+command line per run; this module takes those lines and does the rest:
+
+    scripts/seeds.sh CONFIG ... | python -m engine.sweep --group NAME [options] [-- train.py flags]
+
+1. Every run is checked as train.py checks a command (settings, run folder, data files) before any
+   starts: the first bad one is one `error:` line, exit 2, and nothing is started or created.
+2. A run's folder is train.py's own name for its settings, so the same experiment always finds the
+   same folder, whatever the order or spelling of its flags. Finished runs (results.json) are
+   skipped, interrupted ones (last.pt) resumed.
+3. The runs go out one at a time per GPU of this machine (--launcher local), or as one SLURM job
+   each through submitit (--launcher slurm; engine/slurm.py).
+
+A run whose --relabel-from source (Table 4's Bootstrap rows) has not finished waits: the local queue
+starts it once its source, in the same sweep, has finished; otherwise run the same command again."""
+
+import argparse
+import contextlib
+import io
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.config import ConfigError, OneLineParser, build_parser, default_name, flag, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+# train.py flags the sweep sets itself: a script's user cannot give them after --
+OWN = {"name": "the sweep names each run after its settings", "out_dir": "give the sweep's own --out-dir",
+       "resume": "the sweep resumes interrupted runs itself", "check": "the sweep checks every run itself"}
+
+
+@dataclass
+class Run:
+    args: list                # train.py arguments: the script's line, then the flags after --
+    dir: Path
+    source: Path = None       # --relabel-from: the run this one learns its labels from
+
+    @property
+    def name(self):
+        return self.dir.name
+
+    def finished(self):
+        return (self.dir / "results.json").is_file()
+
+    def waiting(self):
+        return self.source is not None and not (self.source / "results.json").is_file()
+
+    def command(self):
+        resume = ["--resume"] if (self.dir / "last.pt").is_file() else []
+        return [sys.executable, "train.py", *self.args, *resume]
+
+
+def parse(argv):
+    p = OneLineParser(prog="python -m engine.sweep", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--group", help="W&B group of every run (the scripts name it after the sweep)")
+    p.add_argument("--out-dir", default="runs", help="folder of the run folders (default runs)")
+    p.add_argument("--dry-run", action="store_true", help="check every run, print its command, start nothing")
+    p.add_argument("--relabelled", action="store_true",
+                   help="print each run line again, learning its labels from that run (--relabel-from)")
+    p.add_argument("--launcher", choices=("local", "slurm", "slurm-local"), default="local")
+    p.add_argument("--gpus", help="this machine's GPUs, one run on each at a time (default: $CUDA_VISIBLE_DEVICES, "
+                                  "else the CPU, one run at a time)")
+    slurm = p.add_argument_group("SLURM (--launcher slurm, or slurm-local: the same jobs on this machine)")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--account")
+    slurm.add_argument("--constraint")
+    slurm.add_argument("--gpus-per-run", type=int, help="GPUs per job (torchrun when > 1; 0 on a CPU partition)")
+    slurm.add_argument("--cpus-per-run", type=int, help="CPUs per job")
+    slurm.add_argument("--time", type=int, help="minutes per job (default 1440)")
+    slurm.add_argument("--slurm-arg", action="append", metavar="KEY=VALUE", help="any other sbatch option")
+    own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    options = p.parse_args(own)
+    slurm_given = [a.option_strings[0] for a in slurm._group_actions if getattr(options, a.dest) is not None]
+    if options.launcher == "local":
+        if slurm_given:
+            p.error(f"{slurm_given[0]} is a SLURM option: add --launcher slurm (or slurm-local)")
+        gpus = options.gpus if options.gpus is not None else os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        slots = [g.strip() for g in gpus.split(",")] if gpus.strip() else ["cpu"]
+        if any(not g.isdigit() for g in slots if g != "cpu") or len(set(slots)) < len(slots):
+            p.error(f"--gpus takes distinct GPU indices like 0,1,2 (one run per GPU at a time), got {gpus!r}")
+        options.slots = slots
+    elif options.gpus is not None:
+        p.error("--gpus chooses this machine's GPUs for the local queue; under SLURM use --gpus-per-run")
+    from engine import slurm as launcher  # its own checks of the SLURM options, before anything else
+    if options.launcher != "local":
+        launcher.check_options(options, p.error)
+    return options, extra
+
+
+def given(words):
+    """The train.py settings `words` set -> {dest: the flag as typed}."""
+    namespace = vars(build_parser().parse_args(words))
+    return {k for k, v in namespace.items() if v is not None}
+
+
+def resolve(lines, extra, options):
+    """The script's lines -> [Run], each checked as far as it can be before any starts."""
+    if given(extra) & set(OWN):
+        key = sorted(given(extra) & set(OWN))[0]
+        raise ConfigError(f"{flag(key)} after -- is not for train.py here: {OWN[key]}")
+    runs, seen = [], {}
+    for n, line in enumerate(lines, 1):
+        try:
+            run = resolve_line(line, extra, options)
+        except ConfigError as e:
+            raise ConfigError(f"run {n} ({line.strip()}): {e}") from None
+        if run.dir in seen:
+            raise ConfigError(f"runs {seen[run.dir]} and {n} are the same experiment ({run.name}); a sweep runs each once")
+        seen[run.dir] = n
+        runs.append(run)
+    if not runs:
+        raise ConfigError("no runs: the script's lists are empty (see the variables in its header)")
+    return runs
+
+
+def resolve_line(line, extra, options):
+    try:
+        words = shlex.split(line)
+    except ValueError as e:
+        raise ConfigError(f"not shell words ({e})") from None
+    clash = given(words) & given(extra)
+    if clash:
+        raise ConfigError(f"{flag(sorted(clash)[0])} after -- is set by this script for each run; drop it (the "
+                          f"script's header says which variable sets it)")
+    args = [*words, *extra, "--out-dir", options.out_dir]
+    config = parse_config(args).config
+    if options.group and config["wandb_mode"] != "disabled" and config["wandb_group"] is None:
+        args += ["--wandb-group", options.group]
+    return Run(args, Path(options.out_dir) / default_name(config),
+               Path(config["relabel_from"]) if config["relabel_from"] else None)
+
+
+def check(runs):
+    """train.py's own checks of every unfinished run (a waiting run without its source, which does not
+    exist yet); the first failure is a ConfigError naming the run."""
+    from engine.preflight import check as check_command
+    from data import DataError
+    for run in runs:
+        if run.finished():
+            continue
+        args = run.args
+        if run.waiting():
+            at = args.index("--relabel-from")
+            args = args[:at] + args[at + 2:]
+        try:
+            check_command(parse_config([*args, *(["--resume"] if (run.dir / "last.pt").is_file() else [])]))
+        except (ConfigError, DataError) as e:
+            raise ConfigError(f"{run.name}: {e}") from None
+
+
+def run_local(runs, slots):
+    """One run per slot at a time; a waiting run starts once its source has finished -> exit code."""
+    todo, lock, report = list(runs), threading.Lock(), {"done": [], "failed": [], "skipped": [], "waiting": []}
+    running = set()
+
+    def next_run():
+        with lock:
+            while True:
+                for run in todo:
+                    if run.finished():
+                        todo.remove(run)
+                        report["skipped"].append(run.name)
+                        print(f"skip {run.name} (finished)", flush=True)
+                    elif not run.waiting():
+                        todo.remove(run)
+                        running.add(run.dir)
+                        return run
+                if not any(run.source in running for run in todo):  # else wait for a source running now
+                    report["waiting"] += [run.name for run in todo]
+                    todo.clear()
+                    return None
+                lock.release()
+                time.sleep(1)
+                lock.acquire()
+
+    def worker(slot):
+        while (run := next_run()) is not None:
+            run.dir.mkdir(parents=True, exist_ok=True)
+            command = run.command()
+            print(f"[{slot}] start {run.name}", flush=True)
+            with open(run.dir / "stdout.log", "a") as log:  # appended: a retry keeps the failed attempt's log
+                log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} on {slot}: {shlex.join(command)}\n")
+                log.flush()
+                env = {**os.environ, "CUDA_VISIBLE_DEVICES": "" if slot == "cpu" else slot}
+                code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+            with lock:
+                running.discard(run.dir)
+                report["failed" if code else "done"].append(run.name)
+            print(f"[{slot}] {'FAIL' if code else 'done'}  {run.name}" +
+                  (f" (exit {code}; log: {run.dir / 'stdout.log'})" if code else ""), flush=True)
+
+    threads = [threading.Thread(target=worker, args=(slot,)) for slot in slots]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(f"finished: {len(report['done'])} run(s), skipped (already finished): {len(report['skipped'])}, "
+          f"failed: {len(report['failed'])}")
+    for name in report["failed"]:
+        print(f"  failed: {name}")
+    for name in report["waiting"]:
+        print(f"  waiting: {name} (its --relabel-from source has not finished; run this command again when it has)")
+    if report["failed"]:
+        print("re-run the same command to retry the failed runs (finished ones are skipped)")
+    return 1 if report["failed"] else 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--relabelled" in argv:  # its lines reach the main sweep too, which reports any error once
+        with contextlib.redirect_stderr(io.StringIO()):
+            return _main(argv)
+    return _main(argv)
+
+
+def _main(argv):
+    try:
+        options, extra = parse(argv)
+        lines = [line for line in sys.stdin.read().splitlines() if line.strip()]
+        runs = resolve(lines, extra, options)
+        if options.relabelled:  # Table 4's stage 2: each run again, on the labels it predicts
+            for line, run in zip(lines, runs):
+                print(f"{line.strip()} --relabel-from {shlex.quote(str(run.dir))}")
+            return 0
+        check(runs)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if options.launcher != "local":
+        from engine import slurm
+        for run in runs:
+            if run.waiting():
+                print(f"waiting: {run.name} (its --relabel-from source has not finished; run this command again "
+                      f"when it has)")
+        return slurm.launch([run for run in runs if not run.waiting()], options)
+    if options.dry_run:
+        for run in runs:
+            print(f"skip {run.name} (finished)" if run.finished() else f"{shlex.join(run.command())}  # {run.dir}")
+        return 0
+    return run_local(runs, options.slots)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
