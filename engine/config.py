@@ -12,6 +12,7 @@ are the flag names with '_' for '-'. docs/settings.md is generated from SETTINGS
 import argparse
 import hashlib
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,14 +260,45 @@ def settings_markdown():
 
 # ---- YAML files --------------------------------------------------------------------------------------
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as a person reads it: a key given twice, and YAML 1.1's surprises (010 is 8, 1:30 is 90,
+    yes/no/on/off are booleans, 0x10 is 16), are refused instead of silently read."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        twice = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if twice:
+            raise yaml.YAMLError(f"key {twice[0]!r} is given twice (line {node.start_mark.line + 1}); keep one")
+        return super().construct_mapping(node, deep=deep)
+
+
+def _plain_scalar(loader, node):
+    text, tag = node.value, node.tag
+    if node.style is None and tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"):
+        plain = {"tag:yaml.org,2002:int": r"[-+]?(0|[1-9][0-9]*)",
+                 "tag:yaml.org,2002:bool": r"true|false|True|False|TRUE|FALSE",
+                 "tag:yaml.org,2002:float": r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|"
+                                            r"\.(nan|NaN|NAN)"}[tag]
+        if not re.fullmatch(plain, text):
+            raise yaml.YAMLError(f"{text!r} (line {node.start_mark.line + 1}) reads differently in YAML 1.1 and to "
+                                 f"a person; write it plainly (e.g. 10 for 010, true/false for yes/no) or quote it")
+    return yaml.SafeLoader.yaml_constructors[tag](loader, node)
+
+
+for _tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"):
+    _StrictLoader.add_constructor(_tag, _plain_scalar)
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))  # 5e-4 is a number, as a person reads it
+
+
 def load_yaml(path, _seen=()):
     """The settings of a YAML file, after those of the `base:` file it names (relative to it)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; pass an existing YAML file to --config")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+        values = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
+    except (yaml.YAMLError, RecursionError) as e:
         raise ConfigError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {path} ({e}); pass a readable YAML file") from None
@@ -314,8 +346,11 @@ def parse_config(argv=None):
     check = args.pop("check", False)
     from_yaml = load_yaml(config_file) if config_file else {}
     config = {**defaults(), **from_yaml, **args}
-    validate(config, flags=frozenset(args))
-    return Parsed(config, resume, check, {**from_yaml, **args}, frozenset(args))
+    # A setting that would do nothing is refused from a YAML file as from a flag, but for a SAM
+    # config's SAM settings under --optimizer sgd: the config's own SGD baseline (validate resets them).
+    given = {k for k in from_yaml if not (k in SAM_ONLY and args.get("optimizer") == "sgd")} | set(args)
+    validate(config, flags=frozenset(given))
+    return Parsed(config, resume, check, {**from_yaml, **args}, frozenset(given))
 
 
 def _interval(text):
@@ -331,9 +366,8 @@ def _within(value, bounds):
 
 
 def validate(config, flags=frozenset()):
-    """Ranges, then combinations that would silently do nothing. `flags`: settings given as flags
-    (a value from a YAML file that does not apply is recorded, not refused: a SAM config may
-    serve its SGD baseline)."""
+    """Ranges, then combinations that would silently do nothing. `flags`: the settings given (by a
+    flag or a YAML file); a setting left at its default is never refused."""
     for key, spec in SETTINGS.items():
         if spec.bounds and config[key] is not None and not _within(config[key], spec.bounds):
             raise ConfigError(f"{key} must be in {spec.bounds}, got {config[key]}")

@@ -27,14 +27,18 @@ def has_wandb_credentials():
 
 
 def wandb_mode(flag):
-    """--wandb-mode, else $WANDB_MODE, else online with credentials and offline without."""
-    if flag:
+    """--wandb-mode, else $WANDB_MODE, else online with credentials and offline without. A $WANDB_MODE
+    that wandb would not understand is refused even under the flag (wandb reads it too)."""
+    if flag and os.environ.get("WANDB_MODE") in (None, "online", "offline", "disabled", "dryrun"):
         return flag
     env = os.environ.get("WANDB_MODE")
     if env in ("online", "offline", "disabled"):
         return env
     if env == "dryrun":  # wandb's old name for offline
         return "offline"
+    if env is not None:
+        from engine.config import ConfigError
+        raise ConfigError(f"$WANDB_MODE is {env!r}; set it to online, offline or disabled, or unset it")
     return "online" if has_wandb_credentials() else "offline"
 
 
