@@ -82,8 +82,8 @@ def load_cifar(dataset, data_dir=None, download=False):
                             f"{str(e).splitlines()[0] if str(e) else 'no detail'}); check the network, or "
                             f"place {release.base_folder}/ in --data-dir yourself") from None
     check_files(dataset, data_dir)
-    train = [_read_batch(folder / name, label_key) for name, _ in release.train_list]
-    test = [_read_batch(folder / name, label_key) for name, _ in release.test_list]
+    train = [_read_batch(folder / name, label_key, num_classes) for name, _ in release.train_list]
+    test = [_read_batch(folder / name, label_key, num_classes) for name, _ in release.test_list]
     fingerprint = _fingerprint(dataset, folder, release)
     note = None if fingerprint["official"] else (
         f"warning: {dataset} files in {folder} do not match the official checksums (mismatched: "
@@ -94,19 +94,35 @@ def load_cifar(dataset, data_dir=None, download=False):
         num_classes=num_classes, fingerprint=fingerprint, note=note)
 
 
-def _read_batch(path, label_key):
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles what a CIFAR batch holds (dicts, lists, strings, numpy arrays) and nothing else: a
+    pickle that names any other callable is refused before anything of it runs."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which CIFAR data never holds (refused unread)")
+        return super().find_class(module, name)
+
+
+def _read_batch(path, label_key, num_classes):
     fix = "delete it and run with --download, or rebuild the folder"
     if not path.is_file():
         raise DataError(f"missing data file {path}; {fix}")
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+            entry = _ArraysOnly(f, encoding="latin1").load()
         data, labels = np.asarray(entry["data"]), np.asarray(entry[label_key], dtype=np.int64)
-    except Exception as e:  # truncated, corrupt, or not a CIFAR batch at all
+    except Exception as e:  # truncated, corrupt, hostile, or not a CIFAR batch at all
         raise DataError(f"cannot read data file {path} ({type(e).__name__}: {e}); {fix}") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
         raise DataError(f"data file {path} has data of shape {data.shape} ({data.dtype}) and "
                         f"{len(labels)} labels, expected N x 3072 uint8 and N labels; {fix}")
+    if len(labels) == 0 or labels.ndim != 1 or labels.min() < 0 or labels.max() >= num_classes:
+        found = f"labels from {labels.min()} to {labels.max()}" if labels.size else "no images"
+        raise DataError(f"data file {path} holds {found}, expected labels 0..{num_classes - 1}; {fix}")
     return data.reshape(-1, 3, 32, 32), labels
 
 

@@ -37,6 +37,10 @@ def make_splits(data, subset=0, val_split=0.0, label_noise=0.0, seed=0, noise_ru
     eval_sets = {"test": (test_x, test_y)}
     if val_split:
         keep = len(train_y) - round(val_split * len(train_y))
+        if keep == len(train_y) or keep == 0:
+            raise ValueError(f"--val-split {val_split} of {len(train_y)} training images leaves "
+                             f"{'no validation' if keep else 'no training'} image; use a fraction that holds out "
+                             f"at least one image and keeps at least one")
         eval_sets["val"] = (train_x[keep:], train_y[keep:])
         train_x, train_y = train_x[:keep], train_y[:keep]
     if label_noise:

@@ -2,14 +2,15 @@
 the resolved device and process count, its environment, its run folder, its data files. train.py
 runs these first; `train.py --check` and the sweeps (engine/sweep.py) run them alone."""
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.cifar import check_files
+from data.cifar import RELEASES, check_files, load_cifar, resolve_data_dir
 from engine import checkpoint
 from engine.config import ConfigError, m_sharpness_error
-from engine.resume import run_folder
+from engine.resume import check_data, run_folder
 from engine.step import Runtime, group_count, resolve_runtime
 from engine.tracker import has_wandb_credentials, wandb_mode
 
@@ -67,9 +68,19 @@ def check(parsed):
     if r.finished:
         return f"{r.run_dir} is finished; nothing to do"
     check_files(r.config["dataset"], r.config["data_dir"], r.config["download"])
+    folder = resolve_data_dir(r.config["data_dir"])
+    if (folder / RELEASES[r.config["dataset"]][0].base_folder).is_dir():  # else --download fetches it
+        fingerprint = read_data(r.config["dataset"], str(folder)).fingerprint  # every file read and validated
+        check_data(r.state, fingerprint, folder)
     if r.config["relabel_from"]:
         relabel_source(r.config)
     return f"{r.run_dir} ({'resumes at step ' + str(r.state['step']) if r.state else 'a new run'})"
+
+
+@functools.lru_cache(maxsize=4)
+def read_data(dataset, folder):
+    """The data set read once per process (a sweep checks many runs on the same files)."""
+    return load_cifar(dataset, folder)
 
 
 def check_combinations(config, runtime, world_size):
