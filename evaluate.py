@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from analysis.figures import OutputError, check_output_file
 from data import DataError, load_cifar
 from data.loaders import DeviceLoader
 from engine import checkpoint
@@ -46,8 +47,11 @@ def parse(argv):
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.split == "val" and args.data_dir:
         raise ConfigError("--split val is the run's own held-out images; drop --data-dir (or --split)")
-    if args.json and not Path(args.json).parent.is_dir():
-        raise ConfigError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
+    if args.json:
+        try:
+            check_output_file(args.json, "--json", example="eval.json")  # never a run's own file, checked first
+        except OutputError as e:
+            raise ConfigError(str(e)) from None
     return args
 
 

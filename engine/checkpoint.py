@@ -163,46 +163,72 @@ def set_rng_state(state):
 
 
 class RunLock:
-    """One live process per run folder: an OS lock (flock) on <run>/.lock, released by the kernel when
-    the process ends however it ends, so a kill -9 leaves no stale lock. The file names the holder."""
+    """One live process per run folder: an OS lock (flock) on the run folder itself, and on <run>/.lock
+    (a file lock also holds on network file systems, where a folder cannot always be locked). The
+    kernel releases both when the process ends however it ends, so a kill -9 leaves no stale lock,
+    and deleting .lock does not release the folder's. The file names the holder."""
 
     def __init__(self, run_dir):
-        self.path, self.fd = Path(run_dir) / LOCK, None
+        self.dir, self.path, self.fds = Path(run_dir), Path(run_dir) / LOCK, []
 
     def acquire(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.dir.mkdir(parents=True, exist_ok=True)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.fds = [_lock(os.open(self.dir, os.O_RDONLY), fcntl.LOCK_EX, optional=True),
+                        _lock(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), fcntl.LOCK_EX)]
         except BlockingIOError:
-            os.close(fd)
-            raise ConfigError(in_use(self.path.parent)) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"process {os.getpid()} on {socket.gethostname()} since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
-        self.fd = fd
+            self.release()
+            raise ConfigError(in_use(self.dir)) from None
+        except OSError as e:  # .lock is a folder, or cannot be created
+            self.release()
+            raise ConfigError(f"cannot lock run folder {self.dir}: {self.path} is not a lock file we can open "
+                              f"({e.strerror}); move it away and run again") from None
+        note = self.fds[-1]
+        os.ftruncate(note, 0)
+        os.write(note, f"process {os.getpid()} on {socket.gethostname()} since "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
         return self
 
     def release(self):
-        if self.fd is not None:
-            os.close(self.fd)  # closing drops the lock
-            self.fd = None
+        for fd in self.fds:
+            if fd is not None:
+                os.close(fd)  # closing drops the lock
+        self.fds = []
+
+
+def _lock(fd, how, optional=False):
+    """flock(fd, how | LOCK_NB) -> fd; BlockingIOError when another process holds it. optional: a file
+    system that cannot lock this (ENOLCK, EBADF, EINVAL) gives None instead of an error."""
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:
+        os.close(fd)
+        if optional:
+            return None
+        raise
+    return fd
 
 
 def holder(run_dir):
     """Who holds the run folder's lock (its line in .lock), or None when no live process does."""
-    path = Path(run_dir) / LOCK
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return None
-    except BlockingIOError:
-        return path.read_text(errors="replace").strip() or "another process"
-    finally:
-        os.close(fd)
+    for path in (Path(run_dir), Path(run_dir) / LOCK):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            got = _lock(fd, fcntl.LOCK_SH, optional=True)
+        except BlockingIOError:
+            try:
+                return (Path(run_dir) / LOCK).read_text(errors="replace").strip() or "another process"
+            except OSError:
+                return "another process"
+        if got is not None:
+            os.close(got)
+    return None
 
 
 def in_use(run_dir):

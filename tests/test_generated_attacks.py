@@ -1,0 +1,140 @@
+"""Generated hostile inputs, one strategy per class, each draw checked against the contract: exit 0,
+or exit 2 with one `error:` line; the sandbox's runs, data and records unchanged; never a traceback.
+Bounded in examples; hypothesis prints the seed and the failing draw (rerun with --hypothesis-seed)."""
+
+import contextlib
+import io
+import os
+import pickle
+import shutil
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import evaluate
+import train
+from test_attack import TRAIN, box, fill, tree  # noqa: F401 (box: the sandbox fixture)
+
+BOUNDED = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def contract(box, main, argv, env=None):
+    """Run an entry point in-process on a draw: -> its exit code, having checked the contract."""
+    before = tree(box)
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in (env or {}).items():
+            mp.setenv(key, value)
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = main(argv)
+            except SystemExit as e:
+                code = e.code
+    lines = err.getvalue().strip().splitlines()
+    assert "Traceback" not in err.getvalue()
+    assert code in (0, 2), (code, lines)
+    if code == 2:
+        assert len([line for line in lines if line.startswith("error: ")]) == 1, lines
+    assert tree(box) == before, "the sandbox changed"
+    return code
+
+
+SCALARS = st.one_of(
+    st.sampled_from(["010", "0o17", "0x1f", "1:30", "yes", "no", "on", "off", "~", "null", ".nan", "-.inf", "1e3",
+                     "5e-4", "[1, 2]", "{a: 1}", "'010'", "!!python/object:os.system x", "&a 1", "*a", "", "- 1"]),
+    st.integers(-10**20, 10**20).map(str), st.floats(allow_nan=True).map(repr),
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=12).map(lambda t: repr(t)))
+KEYS = st.sampled_from(["seed", "lr", "epochs", "rho", "nesterov", "augment", "cutout_placement", "m_sharpness",
+                        "label_noise_rule", "eta", "workers", "base", "not_a_setting", "wandb_tags"])
+
+
+@BOUNDED
+@given(st.lists(st.tuples(KEYS, SCALARS), min_size=1, max_size=3))
+def test_yaml_files_of_generated_values(box, tmp_path_factory, entries):
+    """A YAML file of drawn keys and values (duplicates included): refused in one line, or read as a
+    person reads it (an int setting is an int of the same digits, never octal or sexagesimal)."""
+    path = tmp_path_factory.mktemp("yaml") / "c.yaml"
+    path.write_text("".join(f"{k}: {v}\n" for k, v in entries))
+    code = contract(box, train.main, ["--config", str(path), "--check", *fill(TRAIN, box)])
+    if code == 0:
+        from engine.config import parse_config
+        config = parse_config(["--config", str(path), *fill(TRAIN, box)]).config
+        for key, value in entries:
+            if key == "seed":
+                assert str(config["seed"]) == value.strip().lstrip("+")
+
+
+ENV = st.sampled_from(["WORLD_SIZE", "RANK", "LOCAL_RANK", "WANDB_MODE", "SAM_DATA_DIR"])
+ENV_VALUES = st.one_of(st.sampled_from(["0", "-1", "1", "2", "99", " ", "1.5", "garbage", "offline", "disabled",
+                                        "/nonexistent", "9" * 30]),
+                       st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=8))
+
+
+@BOUNDED
+@given(st.dictionaries(ENV, ENV_VALUES, min_size=1, max_size=3))
+def test_environment_variables_of_generated_values(box, env):
+    args = [a for a in fill(TRAIN, box)]
+    if "SAM_DATA_DIR" in env:  # the variable is what chooses the data here
+        at = args.index("--data-dir")
+        args = args[:at] + args[at + 2:]
+    contract(box, train.main, ["--check", *args], env)
+
+
+@BOUNDED
+@given(st.integers(0, 10**9), st.integers(1, 255))
+def test_a_checkpoint_with_a_flipped_byte_never_resumes_silently(box, tmp_path_factory, where, mask):
+    """Any byte of last.pt flipped: refused in one line, or (a byte the archive does not read) the
+    checkpoint proves it is whole. Never a run on damaged weights."""
+    folder = tmp_path_factory.mktemp("flip") / "half"
+    shutil.copytree(box / "runs" / "half", folder)
+    data = bytearray((folder / "last.pt").read_bytes())
+    data[where % len(data)] ^= mask
+    (folder / "last.pt").write_bytes(bytes(data))
+    code = contract(box, train.main, ["--resume", str(folder), "--check"])
+    if code == 0:
+        from engine import checkpoint
+        checkpoint.load(folder / "last.pt")  # its digest holds: the flipped byte was not part of the contents
+
+
+@BOUNDED
+@given(st.sampled_from(["labels", "data", "pickle"]), st.integers(0, 39),
+       st.one_of(st.integers(-3, 300), st.sampled_from([10, -1, 2**40])))
+def test_damaged_data_is_refused_before_anything_is_written(box, tmp_path_factory, what, index, value):
+    folder = tmp_path_factory.mktemp("damaged")
+    shutil.copytree(box / "data", folder / "data")
+    path = folder / "data" / "cifar-10-batches-py" / "data_batch_2"
+    entry = pickle.load(open(path, "rb"), encoding="latin1")
+    marker = folder / "ran"
+    if what == "labels":
+        entry["labels"][index] = value
+    elif what == "data":
+        entry["data"] = entry["data"][:, : max(1, value % 3072)]
+    else:
+        class Payload:
+            def __reduce__(self):
+                return (open, (str(marker), "w"))
+        entry["extra"] = Payload()
+    pickle.dump(entry, open(path, "wb"), protocol=2)
+    args = [a if a != str(box / "data") else str(folder / "data") for a in fill(TRAIN, box)]
+    code = contract(box, train.main, ["--check", *args])
+    assert not marker.exists(), "the pickle's payload ran"
+    if what == "pickle" or (what == "labels" and not 0 <= value < 10) or what == "data":
+        assert code == 2
+
+
+RUN_FILES = st.sampled_from(["last.pt", "config.yaml", "metrics.jsonl", "results.json", ".lock"])
+
+
+@BOUNDED
+@given(RUN_FILES, st.booleans())
+def test_no_tool_writes_onto_a_runs_own_files(box, tmp_path_factory, name, through_link):
+    target = box / "runs" / "done" / name
+    if not target.exists():
+        return
+    out = target
+    if through_link:
+        out = tmp_path_factory.mktemp("link") / "out.json"
+        os.symlink(target, out)
+    assert contract(box, evaluate.main, [str(box / "runs" / "done"), "--json", str(out), "--device", "cpu"]) == 2
+    import plot
+    assert contract(box, plot.main, [str(box / "runs" / "done"), "--out", str(out)]) == 2
