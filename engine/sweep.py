@@ -70,7 +70,7 @@ def parse(argv):
     slurm.add_argument("--partition")
     slurm.add_argument("--account")
     slurm.add_argument("--constraint")
-    slurm.add_argument("--gpus-per-run", type=int, help="GPUs per job (torchrun when > 1; 0 on a CPU partition)")
+    slurm.add_argument("--gpus-per-run", type=int, help="GPUs per job (default 1; torchrun when > 1)")
     slurm.add_argument("--cpus-per-run", type=int, help="CPUs per job")
     slurm.add_argument("--time", type=int, help="minutes per job (default 1440)")
     slurm.add_argument("--slurm-arg", action="append", metavar="KEY=VALUE", help="any other sbatch option")
