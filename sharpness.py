@@ -345,4 +345,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine.stopping import interruptible
+    sys.exit(interruptible(main))

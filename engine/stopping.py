@@ -135,3 +135,13 @@ def saved_note(run):
 def fix_hint(run):
     fixes = "lower --lr or --rho" + (", or use --precision fp32" if run.runtime.precision != "fp32" else "")
     return f"To fix: {fixes}, and start a new run"
+
+
+def interruptible(main, *args):
+    """A tool's main() that Ctrl-C ends with one line and exit 130 instead of a traceback (the
+    tools write their files at the end, so nothing half-written is left behind)."""
+    try:
+        return main(*args)
+    except KeyboardInterrupt:
+        say("\ninterrupted by Ctrl-C: stopped at once; nothing more was written")
+        return INTERRUPTED

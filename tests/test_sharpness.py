@@ -366,3 +366,14 @@ def test_interpolation_marks_where_each_run_sits(comparison):
     vertical = [line for line in ax.get_lines() if line.get_transform() is not ax.transData]
     assert sorted((line.get_xdata()[0], line.get_label()) for line in vertical) == [(0, "alpha 0: sgd"),
                                                                                     (1, "alpha 1: sam")]
+
+
+def test_ctrl_c_during_a_measurement_is_one_line_and_exit_130(monkeypatch, capsys):
+    """A long Lanczos run answers Ctrl-C at once, without a traceback."""
+    from engine.stopping import interruptible
+
+    def measuring(argv):
+        raise KeyboardInterrupt
+    assert interruptible(measuring, []) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["interrupted by Ctrl-C: stopped at once; nothing more was written"]
