@@ -162,7 +162,7 @@ def run_local(runs, slots):
     def next_run():
         with lock:
             while True:
-                for run in todo:
+                for run in list(todo):
                     if run.finished():
                         todo.remove(run)
                         report["skipped"].append(run.name)
@@ -171,11 +171,11 @@ def run_local(runs, slots):
                         todo.remove(run)
                         running.add(run.dir)
                         return run
-                if not any(run.source in running for run in todo):  # else wait for a source running now
+                if not any(run.source in running for run in todo):  # all that is left waits in vain
                     report["waiting"] += [run.name for run in todo]
                     todo.clear()
                     return None
-                lock.release()
+                lock.release()  # wait for a source that runs now
                 time.sleep(1)
                 lock.acquire()
 

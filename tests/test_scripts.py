@@ -355,3 +355,13 @@ def test_summarize_warns_when_an_experiment_mixes_commits_or_data(tmp_path, caps
 def test_summarize_without_results_is_exit_2(tmp_path, capsys):
     assert summarize.main([str(tmp_path)]) == 2
     assert "no finished runs" in capsys.readouterr().err
+
+
+def test_finished_runs_anywhere_in_the_queue_are_skipped_and_the_rest_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep.Run, "command", lambda run: ["sh", "-c", f"touch {run.dir}/results.json"])
+    runs = [sweep.Run([], tmp_path / str(i)) for i in range(5)]
+    for i in (0, 2, 3):
+        runs[i].dir.mkdir()
+        (runs[i].dir / "results.json").write_text("{}")
+    assert sweep.run_local(runs, ["cpu"]) == 0
+    assert all(run.finished() for run in runs)
