@@ -278,13 +278,13 @@ def plots(results, out_dir, interp=None):
 
 def log_to_wandb(m, results, images, args):
     mode = args.wandb_mode or wandb_mode(m.config.get("wandb_mode"))
-    if mode == "disabled" or not m.state.get("wandb_id"):
+    if mode == "disabled" or not m.state.get("run_id"):
         return
     if mode == "online" and not has_wandb_credentials():
         mode = "offline"
     import wandb
     run = wandb.init(project=m.config.get("wandb_project"), entity=m.config.get("wandb_entity"),
-                     id=m.state["wandb_id"], resume="allow", mode=mode, dir=str(wandb_dir(m.dir)))
+                     id=m.state["run_id"], resume="allow", mode=mode, dir=str(wandb_dir(m.dir)))
     run.summary.update({f"sharpness/{k}": v for k, v in results.items() if isinstance(v, (int, float))})
     if "m_sharpness" in results:
         run.summary["sharpness/m_sharpness"] = results["m_sharpness"]["value"]

@@ -145,7 +145,7 @@ def test_cli_end_to_end_writes_json_and_valid_pictures(tiny_runs, monkeypatch):
     from wandb_records import read_records, run_files_in_start_order
     state = torch.load(run / "last.pt", weights_only=True)
     offline = run_files_in_start_order(run)  # training's, then sharpness.py's
-    assert len(offline) == 2 and all(p.name == f"run-{state['wandb_id']}.wandb" for p in offline)
+    assert len(offline) == 2 and all(p.name == f"run-{state['run_id']}.wandb" for p in offline)
     records = read_records(offline[-1])
     summary = {item.key for r in records if r.WhichOneof("record_type") == "summary" for item in r.summary.update}
     assert {"sharpness/lambda_max", "sharpness/m_sharpness"} <= summary

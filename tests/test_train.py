@@ -181,7 +181,7 @@ def test_killed_anywhere_and_resumed_run_ends_bitwise_identical(tiny_data, tmp_p
             for n in ("whole", "split")]
     assert rows[0] == rows[1]  # no duplicated or missing steps after the resumes
     files = run_files_in_start_order(out / "split")
-    assert {f.name for f in files} == {f"run-{b['wandb_id']}.wandb"}  # all continued one W&B run
+    assert {f.name for f in files} == {f"run-{b['run_id']}.wandb"}  # all continued one W&B run
     assert not list((out / "split").glob("*.tmp"))
 
 
