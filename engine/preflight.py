@@ -4,6 +4,7 @@ runs these first; `train.py --check` and the sweeps (engine/sweep.py) run them a
 
 import functools
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def torchrun_environment():
     values = {}
     for key, default in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")):
         text = os.environ.get(key, default)
-        if not text.strip().isdigit():
+        if not re.fullmatch(r"\s*[0-9]+\s*", text):
             raise ConfigError(f"${key} is {text!r}, not a whole number; unset it, or start the processes with torchrun")
         values[key] = int(text)
     world, rank, local = values["WORLD_SIZE"], values["RANK"], values["LOCAL_RANK"]

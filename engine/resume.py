@@ -98,13 +98,16 @@ def restore(run, state):
     """Load a checkpoint into the run: weights, momentum, the step (and so the learning rate), the
     random state, and the position in the epoch. The settings are the run's own (run_folder)."""
     t = run.training
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in t.optimizer.param_groups]
     try:
         t.model.load_state_dict(state["model"])
-        t.optimizer.load_state_dict(state["optimizer"])
+        t.optimizer.load_state_dict(state["optimizer"])  # momentum buffers, and the groups' settings...
     except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0][:160]
         raise ConfigError(f"--resume: the checkpoint does not fit this run's model/optimizer "
                           f"({state['config'].get('model')} saved, {run.config['model']} built): {first}") from None
+    for group, values in zip(t.optimizer.param_groups, settings):
+        group.update(values)  # ...which are the run's own, from its config, as when it was built
     t.schedule.seek(state["step"])
     if t.scaler and state["scaler"]:
         t.scaler.load_state_dict(state["scaler"])
