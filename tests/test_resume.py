@@ -292,10 +292,11 @@ def test_a_second_process_on_a_live_run_stops_at_once_naming_the_holder(tiny_dat
     again = [*args, "--resume"]
     assert run_cli([*again, "--check"]).returncode == 0  # no stale lock after a kill -9
     steps = torch.load(tmp_path / "live" / "last.pt", weights_only=True)["step"]
+    logged = max(r["step"] for r in read_jsonl(tmp_path / "live" / "metrics.jsonl"))  # the killed one's too
     with open(log, "a") as sink:
         resumed = start_cli(again, stdout=sink, stderr=subprocess.STDOUT)
     try:
-        wait_for_step(tmp_path / "live" / "metrics.jsonl", steps + 2, resumed, log=log)  # it trains the folder
+        wait_for_step(tmp_path / "live" / "metrics.jsonl", logged + 2, resumed, log=log)  # it trains the folder
         resumed.send_signal(signal.SIGTERM)
         assert resumed.wait(timeout=120) == 75
     finally:
