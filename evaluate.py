@@ -144,7 +144,7 @@ def report(results, config, state, path):
             print("worst classes: " + ", ".join(f"{i} {r['per_class_acc'][i]:.3f}" for i in worst))
     try:
         recorded = json.loads((path.parent / "results.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return
     if "test" in results and isinstance(recorded, dict) and recorded.get("epochs") == state["epoch"] and \
             isinstance(recorded.get("final_test_acc"), float):

@@ -98,7 +98,7 @@ class Tracker:
             try:
                 if json.loads(line)["step"] <= step:
                     kept.append(line)
-            except (ValueError, KeyError, TypeError):  # a line torn by a kill, or not text: dropped
+            except (ValueError, KeyError, TypeError, RecursionError):  # torn by a kill, not text, too deep: dropped
                 continue
         atomic_write(self.path, b"".join(line + b"\n" for line in kept))
 

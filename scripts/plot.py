@@ -50,7 +50,7 @@ def read_curves(folder):
     for line in (folder / "metrics.jsonl").read_bytes().splitlines():
         try:
             row = json.loads(line)
-        except ValueError:  # a torn last line
+        except (ValueError, RecursionError):  # a torn last line, or nested past reading
             continue
         if not isinstance(row, dict):
             continue

@@ -115,7 +115,7 @@ def from_folders(folders, metric):
         for path in sorted(Path(folder).rglob("results.json")):
             try:
                 result = json.loads(path.read_text())
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, RecursionError) as e:
                 warn(f"{path} is unreadable ({type(e).__name__}); skipped")
                 continue
             why = problem(result, metric)

@@ -138,3 +138,24 @@ def test_no_tool_writes_onto_a_runs_own_files(box, tmp_path_factory, name, throu
     assert contract(box, evaluate.main, [str(box / "runs" / "done"), "--json", str(out), "--device", "cpu"]) == 2
     import plot
     assert contract(box, plot.main, [str(box / "runs" / "done"), "--out", str(out)]) == 2
+
+
+@BOUNDED
+@given(st.integers(1, 200000), st.sampled_from(["[", "{\"a\":"]))
+def test_deeply_nested_record_lines_are_skipped_by_every_reader(box, tmp_path_factory, depth, opener):
+    """A metrics.jsonl line or a results.json nested past what json can read: a resume, plot.py and
+    summarize.py go on (the line or record skipped), never a RecursionError."""
+    import plot
+    import summarize
+    from engine.tracker import Tracker
+    folder = tmp_path_factory.mktemp("deep") / "run"
+    shutil.copytree(box / "runs" / "done", folder)
+    with open(folder / "metrics.jsonl", "a") as f:
+        f.write(opener * depth + "\n")
+    (folder / "results.json").write_text(opener * depth)
+    Tracker(folder, {}, mode="disabled", project=None, entity=None, group=None, tags=None, run_id="x",
+            resumed_step=6)
+    assert opener * 5 not in (folder / "metrics.jsonl").read_text()
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        plot.read_curves(folder)
+        assert summarize.main([str(folder)]) == 2  # its one record skipped: nothing to summarise
