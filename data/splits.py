@@ -32,6 +32,9 @@ def make_splits(data, subset=0, val_split=0.0, label_noise=0.0, seed=0, noise_ru
     labels' rule `noise_rule` (above), drawn with `seed`; validation and test labels stay clean."""
     train_x, train_y = data.train_images, data.train_labels
     test_x, test_y = data.test_images, data.test_labels
+    if subset > len(train_y):
+        raise ValueError(f"--subset {subset} is more than the {len(train_y)} training images; use at most "
+                         f"{len(train_y)}, or 0 for all")
     if subset:
         train_x, train_y, test_x, test_y = train_x[:subset], train_y[:subset], test_x[:subset], test_y[:subset]
     eval_sets = {"test": (test_x, test_y)}

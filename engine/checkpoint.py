@@ -172,17 +172,17 @@ class RunLock:
         self.dir, self.path, self.fds = Path(run_dir), Path(run_dir) / LOCK, []
 
     def acquire(self):
-        self.dir.mkdir(parents=True, exist_ok=True)
         try:
+            self.dir.mkdir(parents=True, exist_ok=True)
             self.fds = [_lock(os.open(self.dir, os.O_RDONLY), fcntl.LOCK_EX, optional=True),
                         _lock(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), fcntl.LOCK_EX)]
         except BlockingIOError:
             self.release()
             raise ConfigError(in_use(self.dir)) from None
-        except OSError as e:  # .lock is a folder, or cannot be created
+        except OSError as e:  # the folder cannot be made, or .lock is a folder
             self.release()
-            raise ConfigError(f"cannot lock run folder {self.dir}: {self.path} is not a lock file we can open "
-                              f"({e.strerror}); move it away and run again") from None
+            raise ConfigError(f"cannot create and lock run folder {self.dir} ({e.strerror}: {e.filename}); choose "
+                              f"another --out-dir, or move a .lock that is not a file away") from None
         note = self.fds[-1]
         os.ftruncate(note, 0)
         os.write(note, f"process {os.getpid()} on {socket.gethostname()} since "

@@ -426,8 +426,8 @@ def validate(config, flags=frozenset()):
 
 def check_name(name):
     """--name is one folder name inside --out-dir: not empty, no path separator, not . or .."""
-    if not name.strip() or "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
-        raise ConfigError(f"--name must be one folder name (no '/', not empty, '.' or '..'), got {name!r}; "
+    if not name.strip() or "/" in name or "\\" in name or name in (".", "..") or not name.isprintable():
+        raise ConfigError(f"--name must be one folder name (no '/' or control characters, not empty, '.' or '..'), got {name!r}; "
                           f"put the parent folder in --out-dir")
     if len(name.encode()) > 200:
         raise ConfigError(f"--name is {len(name.encode())} bytes long; use at most 200")
