@@ -87,27 +87,28 @@ def parse(argv):
         options.slots = slots
     elif options.gpus is not None:
         p.error("--gpus chooses this machine's GPUs for the local queue; under SLURM use --gpus-per-run")
-    from engine import slurm as launcher  # its own checks of the SLURM options, before anything else
     if options.launcher != "local":
-        launcher.check_options(options, p.error)
+        from engine import slurm  # its own checks of the SLURM options, before anything else
+        slurm.check_options(options, p.error)
     return options, extra
 
 
 def given(words):
-    """The train.py settings `words` set -> {dest: the flag as typed}."""
+    """The train.py settings that `words` set -> {setting}."""
     namespace = vars(build_parser().parse_args(words))
     return {k for k, v in namespace.items() if v is not None}
 
 
 def resolve(lines, extra, options):
     """The script's lines -> [Run], each checked as far as it can be before any starts."""
-    if given(extra) & set(OWN):
-        key = sorted(given(extra) & set(OWN))[0]
+    extra_keys = given(extra)
+    if extra_keys & set(OWN):
+        key = sorted(extra_keys & set(OWN))[0]
         raise ConfigError(f"{flag(key)} after -- is not for train.py here: {OWN[key]}")
     runs, seen = [], {}
     for n, line in enumerate(lines, 1):
         try:
-            run = resolve_line(line, extra, options)
+            run = resolve_line(line, extra, extra_keys, options)
         except ConfigError as e:
             raise ConfigError(f"run {n} ({line.strip()}): {e}") from None
         if run.dir in seen:
@@ -119,12 +120,12 @@ def resolve(lines, extra, options):
     return runs
 
 
-def resolve_line(line, extra, options):
+def resolve_line(line, extra, extra_keys, options):
     try:
         words = shlex.split(line)
     except ValueError as e:
         raise ConfigError(f"not shell words ({e})") from None
-    clash = given(words) & given(extra)
+    clash = given(words) & extra_keys
     if clash:
         raise ConfigError(f"{flag(sorted(clash)[0])} after -- is set by this script for each run; drop it (the "
                           f"script's header says which variable sets it)")
