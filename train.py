@@ -167,7 +167,7 @@ def train(run):
                     metrics.update(sharpness(run))
                 if dist.main:
                     done = epoch + 1 - first - first_batch / len(run.train_loader)  # epochs this process trained
-                    eta = (time.perf_counter() - run.started) / max(done, 1e-9) * (config["epochs"] - epoch - 1)
+                    eta = (time.perf_counter() - run.started) / done * (config["epochs"] - epoch - 1) if done >= 1 else None
                     metrics.update(epoch_time_s=time.perf_counter() - epoch_start, train_time_s=train_time)
                     if run.runtime.device.type == "cuda":
                         metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(run.runtime.device) / 2**30
@@ -336,8 +336,8 @@ def wall_time(run):
 def epoch_line(epoch, epochs, m, eta):
     val = f"  val acc {m['val/acc']:.4f}" if "val/acc" in m else ""
     return (f"epoch {epoch + 1:3d}/{epochs}  train loss {m['train/loss']:.4f} acc {m['train/acc']:.4f}  "
-            f"test loss {m['test/loss']:.4f} acc {m['test/acc']:.4f}{val}  {m['epoch_time_s']:.1f}s  "
-            f"ETA {format_duration(eta)}")
+            f"test loss {m['test/loss']:.4f} acc {m['test/acc']:.4f}{val}  {m['epoch_time_s']:.1f}s"
+            + (f"  ETA {format_duration(eta)}" if eta is not None else ""))
 
 
 if __name__ == "__main__":

@@ -38,11 +38,15 @@ OWN = {"name": "the sweep names each run after its settings", "out_dir": "give t
 class Run:
     args: list                # train.py arguments: the script's line, then the flags after --
     dir: Path
-    source: Path = None       # --relabel-from: the run this one learns its labels from
+    config: dict              # the settings these arguments give (train.py's own parse)
 
     @property
     def name(self):
         return self.dir.name
+
+    @property
+    def source(self):         # --relabel-from: the run this one learns its labels from
+        return Path(self.config["relabel_from"]) if self.config["relabel_from"] else None
 
     def finished(self):
         return (self.dir / "results.json").is_file()
@@ -133,17 +137,17 @@ def resolve_line(line, extra, extra_keys, options):
     config = parse_config(args).config
     if options.group and config["wandb_mode"] != "disabled" and config["wandb_group"] is None:
         args += ["--wandb-group", options.group]
-    return Run(args, Path(options.out_dir) / default_name(config),
-               Path(config["relabel_from"]) if config["relabel_from"] else None)
+    return Run(args, Path(options.out_dir) / default_name(config), config)
 
 
-def check(runs):
+def check(runs, skip=()):
     """train.py's own checks of every unfinished run (a waiting run without its source, which does not
-    exist yet); the first failure is a ConfigError naming the run."""
+    exist yet), but those in `skip` (their SLURM job holds them); the first failure is a ConfigError
+    naming the run."""
     from engine.preflight import check as check_command
     from data import DataError
     for run in runs:
-        if run.finished():
+        if run.finished() or run.dir in skip:
             continue
         args = run.args
         if run.waiting():
@@ -212,6 +216,25 @@ def run_local(runs, slots):
     return 1 if report["failed"] else 0
 
 
+def launch_slurm(runs, options):
+    """Check the runs and their jobs, then submit each unfinished run without a job -> exit code."""
+    from engine import slurm
+
+    def error(message):
+        raise ConfigError(message)
+    slurm.check_runs(runs, options, error)
+    try:
+        active = slurm.active_jobs(runs) if options.launcher == "slurm" else {}
+        check(runs, skip=active)
+        for run in runs:
+            if run.waiting():
+                print(f"waiting: {run.name} (its --relabel-from source has not finished; run this command again "
+                      f"when it has)")
+        return slurm.launch([run for run in runs if not run.waiting()], options, active)
+    except slurm.SlurmError as e:
+        raise ConfigError(str(e)) from None
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--relabelled" in argv:  # its lines reach the main sweep too, which reports any error once
@@ -229,17 +252,13 @@ def _main(argv):
             for line, run in zip(lines, runs):
                 print(f"{line.strip()} --relabel-from {shlex.quote(str(run.dir))}")
             return 0
-        check(runs)
+        if options.launcher == "local":
+            check(runs)
+        else:
+            return launch_slurm(runs, options)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if options.launcher != "local":
-        from engine import slurm
-        for run in runs:
-            if run.waiting():
-                print(f"waiting: {run.name} (its --relabel-from source has not finished; run this command again "
-                      f"when it has)")
-        return slurm.launch([run for run in runs if not run.waiting()], options)
     if options.dry_run:
         for run in runs:
             print(f"skip {run.name} (finished)" if run.finished() else f"{shlex.join(run.command())}  # {run.dir}")

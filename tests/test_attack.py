@@ -324,7 +324,7 @@ def test_plot(box, capsys, args, words):
 L = [  # python -m engine.sweep (the scripts' queue and SLURM launcher), given one run line
     (["--launcher", "pbs", "--out-dir", "{runs}"], "invalid choice: 'pbs'"),
     (["--out-dir", "{runs}", "--time", "60"], "--time is a SLURM option: add --launcher slurm"),
-    (["--launcher", "slurm-local", "--out-dir", "{runs}", "--time", "0"], "--gpus-per-run and --time take"),
+    (["--launcher", "slurm-local", "--out-dir", "{runs}", "--time", "0"], "--time 0 is too short"),
     (["--launcher", "slurm-local", "--out-dir", "{runs}", "--slurm-arg", "=x"], "--slurm-arg takes KEY=VALUE"),
     (["--launcher", "slurm-local", "--out-dir", "{runs}", "--gpus", "0"], "under SLURM use --gpus-per-run"),
     (["--out-dir", "{runs}", "--gpus", "a"], "--gpus takes distinct GPU indices"),

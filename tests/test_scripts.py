@@ -31,12 +31,16 @@ def data_for_the_checks(tmp_path_factory):
     os.environ.pop("SAM_DATA_DIR", None)
 
 
+def script_env(**extra):
+    """A user's environment: `python` on PATH is this interpreter."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "CUDA_VISIBLE_DEVICES": "", "WANDB_SILENT": "true", **extra}
+
+
 def script(name, *args, env_extra=None):
-    """A script as a user runs it: `python` on PATH is this interpreter."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "CUDA_VISIBLE_DEVICES": "", "WANDB_SILENT": "true", **(env_extra or {})}
-    return subprocess.run(["bash", f"scripts/{name}", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+    """A script as a user runs it."""
+    return subprocess.run(["bash", f"scripts/{name}", *args], cwd=REPO, env=script_env(**(env_extra or {})),
+                          capture_output=True, text=True, timeout=600)
 
 
 def dry(name, *args, env_extra=None):
@@ -181,8 +185,9 @@ def test_a_run_that_waits_for_its_source_starts_once_the_source_has_finished(tmp
     def command(run):
         return ["sh", "-c", f"sleep 1; echo {run.name} $CUDA_VISIBLE_DEVICES >> {order}; touch {run.dir}/results.json"]
     monkeypatch.setattr(sweep.Run, "command", command)
-    source = sweep.Run([], tmp_path / "source")
-    runs = [sweep.Run([], tmp_path / "bootstrap", source=source.dir), sweep.Run([], tmp_path / "other"), source]
+    source = sweep.Run([], tmp_path / "source", {"relabel_from": None})
+    runs = [sweep.Run([], tmp_path / "bootstrap", {"relabel_from": str(source.dir)}),
+            sweep.Run([], tmp_path / "other", {"relabel_from": None}), source]
     assert sweep.run_local(runs, ["0", "1"]) == 0
     lines = order.read_text().split()
     assert lines[::2].index("bootstrap") > lines[::2].index("source") and set(lines[1::2]) <= {"0", "1"}
@@ -192,7 +197,8 @@ def test_a_run_that_waits_for_its_source_starts_once_the_source_has_finished(tmp
 
 def test_a_run_whose_source_is_neither_finished_nor_in_the_sweep_waits_and_is_reported(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sweep.Run, "command", lambda run: ["sh", "-c", f"touch {run.dir}/results.json"])
-    runs = [sweep.Run([], tmp_path / "bootstrap", source=tmp_path / "elsewhere"), sweep.Run([], tmp_path / "plain")]
+    runs = [sweep.Run([], tmp_path / "bootstrap", {"relabel_from": str(tmp_path / "elsewhere")}),
+            sweep.Run([], tmp_path / "plain", {"relabel_from": None})]
     assert sweep.run_local(runs, ["cpu"]) == 0
     out = capsys.readouterr().out
     assert "waiting: bootstrap" in out and "finished: 1 run(s)" in out and not (tmp_path / "bootstrap").exists()
@@ -204,7 +210,7 @@ def test_the_queue_spreads_runs_over_the_listed_gpus(tmp_path, monkeypatch, gpus
     monkeypatch.setattr(sweep.Run, "command", lambda run: ["sh", "-c", f"echo \"[$CUDA_VISIBLE_DEVICES]\" >> "
                                                                          f"{devices}; sleep 1"])
     options, _ = sweep.parse(["--gpus", gpus] if gpus else [])
-    assert sweep.run_local([sweep.Run([], tmp_path / str(i)) for i in range(4)], options.slots) == 0
+    assert sweep.run_local([sweep.Run([], tmp_path / str(i), {"relabel_from": None}) for i in range(4)], options.slots) == 0
     assert {line.strip("[]") for line in devices.read_text().split()} == expected
 
 
@@ -359,7 +365,7 @@ def test_summarize_without_results_is_exit_2(tmp_path, capsys):
 
 def test_finished_runs_anywhere_in_the_queue_are_skipped_and_the_rest_run(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep.Run, "command", lambda run: ["sh", "-c", f"touch {run.dir}/results.json"])
-    runs = [sweep.Run([], tmp_path / str(i)) for i in range(5)]
+    runs = [sweep.Run([], tmp_path / str(i), {"relabel_from": None}) for i in range(5)]
     for i in (0, 2, 3):
         runs[i].dir.mkdir()
         (runs[i].dir / "results.json").write_text("{}")

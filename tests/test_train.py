@@ -526,7 +526,9 @@ def test_the_cpu_duration_is_measured_once_per_process(tiny_data, tmp_path, monk
 
 
 def test_a_long_cpu_run_says_what_it_would_take_before_its_first_step(tiny_data, tmp_path):
-    proc = start_cli([*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--epochs", "100000",
+    # resnet18: days at 100000 epochs on any CPU (wrn10_1 can project to hours on a fast, idle one)
+    big = ["--model", "resnet18", *TINY[4:]]
+    proc = start_cli([*big, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--epochs", "100000",
                       "--name", "long", "--wandb-mode", "disabled"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     lines = []
     for line in proc.stderr:
@@ -545,7 +547,7 @@ def test_a_long_cpu_run_says_what_it_would_take_before_its_first_step(tiny_data,
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, --device auto is the GPU")
 def test_a_cpu_run_of_days_that_fell_back_to_the_cpu_is_refused(tiny_data, tmp_path, capsys):
-    args = [arg for arg in TINY if arg not in ("--device", "cpu")]
+    args = ["--model", "resnet18", *[arg for arg in TINY[4:] if arg not in ("--device", "cpu")]]  # days, on any CPU
     assert main_code([*args, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "runs"), "--epochs", "100000",
                       "--wandb-mode", "disabled"]) == 2
     line = one_line_error(capsys)
