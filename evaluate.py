@@ -57,34 +57,66 @@ def parse(argv):
 
 def shift_sets(folder):
     """{name: (uint8 N x 3 x 32 x 32, labels)} of a CIFAR-10.1 folder (<name>_data.npy, <name>_labels.npy)
-    or a CIFAR-10-C folder (labels.npy, one <corruption>.npy of 5 severities x 10,000 images each)."""
+    or a CIFAR-10-C folder (labels.npy, one <corruption>.npy of 10,000 images per severity, 5 severities
+    in the official files). Every array is checked before any is used: a bad one is a ConfigError."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise ConfigError(f"--data-dir {folder} is not a folder; give a CIFAR-10.1 or CIFAR-10-C folder")
-
-    def images(path):
-        x = np.load(path)
-        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3):
-            raise ConfigError(f"{path} holds {x.dtype} {x.shape}, not uint8 N x 32 x 32 x 3 images")
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-
+    arrays = sorted(folder.glob("*.npy"))
     sets = {}
-    for data in sorted(folder.glob("*_data.npy")):  # CIFAR-10.1
-        sets[data.name[:-len("_data.npy")]] = (images(data), np.load(str(data).replace("_data.npy", "_labels.npy")))
+    for data in [path for path in arrays if path.name.endswith("_data.npy")]:  # CIFAR-10.1
+        labels = data.with_name(data.name[:-len("_data.npy")] + "_labels.npy")
+        if not labels.is_file():
+            raise ConfigError(f"{data} has no labels beside it: CIFAR-10.1 keeps them in {labels.name}")
+        sets[data.name[:-len("_data.npy")]] = (images(data), labels_of(labels))
+    corruptions = [path for path in arrays if not path.name.endswith(("_data.npy", "_labels.npy"))
+                   and path.name != "labels.npy"]
+    if corruptions and not (folder / "labels.npy").is_file() and not sets:
+        raise ConfigError(f"{folder} holds {len(corruptions)} .npy arrays but no labels.npy: CIFAR-10-C keeps its "
+                          f"labels there (one per image of a corruption's file)")
     if (folder / "labels.npy").is_file():  # CIFAR-10-C
-        labels = np.load(folder / "labels.npy")
-        for path in sorted(folder.glob("*.npy")):
-            if path.name != "labels.npy":
-                x = images(path)
-                for severity in range(len(x) // 10000):
-                    part = slice(severity * 10000, (severity + 1) * 10000)
-                    sets[f"{path.stem}/{severity + 1}"] = (x[part], labels[part])
+        labels = labels_of(folder / "labels.npy")
+        if len(labels) % 10000:
+            raise ConfigError(f"{folder / 'labels.npy'} holds {len(labels)} labels, not 10,000 per severity "
+                              f"(CIFAR-10-C: 5 severities x 10,000)")
+        for path in corruptions:
+            x = images(path)
+            if len(x) != len(labels):
+                raise ConfigError(f"{path} holds {len(x)} images and labels.npy {len(labels)} labels; a CIFAR-10-C "
+                                  f"corruption has one image per label (10,000 per severity)")
+            for severity in range(len(x) // 10000):
+                part = slice(severity * 10000, (severity + 1) * 10000)
+                sets[f"{path.stem}/{severity + 1}"] = (x[part], labels[part])
     if not sets:
         raise ConfigError(f"no CIFAR-10.1 (*_data.npy) or CIFAR-10-C (labels.npy) files in {folder}")
     for name, (x, y) in sets.items():
         if len(x) != len(y):
             raise ConfigError(f"{folder}: {name} has {len(x)} images and {len(y)} labels")
     return sets
+
+
+def array(path):
+    """A .npy file as numpy reads it without running code (no pickles) -> array; a ConfigError if not."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ConfigError(f"{path} is not a plain .npy array ({type(e).__name__}: {str(e)[:120]}); CIFAR-10.1 and "
+                          f"CIFAR-10-C are distributed as such") from None
+
+
+def images(path):
+    x = array(path)
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3) or not len(x):
+        raise ConfigError(f"{path} holds {x.dtype} {x.shape}, not uint8 N x 32 x 32 x 3 images")
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def labels_of(path):
+    y = array(path)
+    if y.ndim != 1 or y.dtype.kind not in "iu" or not len(y) or y.min() < 0 or y.max() > 9:
+        raise ConfigError(f"{path} holds {y.dtype} {y.shape}" + (f" from {y.min()} to {y.max()}" if y.size and
+                          y.dtype.kind in "iuf" else "") + ", not one CIFAR-10 class (an integer 0-9) per image")
+    return y
 
 
 def main(argv=None):
@@ -153,4 +185,5 @@ def report(results, config, state, path):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine.stopping import entry
+    sys.exit(entry(main))

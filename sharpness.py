@@ -345,5 +345,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from engine.stopping import interruptible
-    sys.exit(interruptible(main))
+    from engine.stopping import entry
+    sys.exit(entry(main))

@@ -341,4 +341,5 @@ def epoch_line(epoch, epochs, m, eta):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine.stopping import entry
+    sys.exit(entry(main))

@@ -4,6 +4,7 @@
 """
 
 import argparse
+import sys
 import time
 
 import torch
@@ -49,4 +50,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from engine.stopping import entry
+    sys.exit(entry(main))

@@ -7,6 +7,7 @@ is printed for scale.
 """
 
 import argparse
+import sys
 import time
 
 import torch
@@ -86,4 +87,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from engine.stopping import entry
+    sys.exit(entry(main))

@@ -14,6 +14,7 @@ config (e.g. --rho 0.1).
 """
 
 import argparse
+import sys
 import itertools
 import time
 from pathlib import Path
@@ -240,4 +241,5 @@ def setup_tag(config):
 
 
 if __name__ == "__main__":
-    main()
+    from engine.stopping import entry
+    sys.exit(entry(main))

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -137,11 +138,40 @@ def fix_hint(run):
     return f"To fix: {fixes}, and start a new run"
 
 
-def interruptible(main, *args):
-    """A tool's main() that Ctrl-C ends with one line and exit 130 instead of a traceback (the
-    tools write their files at the end, so nothing half-written is left behind)."""
+def entry(main, *args):
+    """How every tool ends (`sys.exit(entry(main))`): what main returns; Ctrl-C in one line, exit 130
+    (the tools write their files at the end or atomically, so nothing half-written is left behind);
+    and any exception no check turned into an `error:` line, which is a bug, in one line naming the
+    file that holds its traceback, exit 1. Bad input never gets here: each tool refuses it first."""
     try:
         return main(*args)
     except KeyboardInterrupt:
         say("\ninterrupted by Ctrl-C: stopped at once; nothing more was written")
         return INTERRUPTED
+    except BrokenPipeError:  # `tool | head`: the reader has gone, so has the need to print
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (Python's flush at exit must not raise again)
+        return 0
+    except Exception as e:
+        first = (str(e).splitlines() or ["-"])[0][:200]
+        say(f"bug: {Path(sys.argv[0]).name} failed ({type(e).__name__}: "
+            f"{''.join(c if c.isprintable() else '?' for c in first)}) where no check expected it; the traceback "
+            f"is saved in {bug_report(e)}: please report it with that file")
+        return 1
+
+
+def bug_report(e):
+    """The traceback of an unexpected exception, with the command and versions, in a new file in the
+    system's temporary folder (never in a run's folder) -> its path."""
+    import platform
+    import tempfile
+    import traceback
+    text = (f"command: {' '.join(sys.argv)}\npython {platform.python_version()}, torch {torch.__version__}, "
+            f"{platform.platform()}\n\n" + "".join(traceback.format_exception(e)))
+    try:
+        fd, path = tempfile.mkstemp(prefix=f"sam-bug-{Path(sys.argv[0]).stem}-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return path
+    except OSError:  # no writable temporary folder: the traceback goes to stderr after all
+        say(text)
+        return "(nowhere: no writable temporary folder; it is printed above)"

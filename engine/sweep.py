@@ -267,4 +267,5 @@ def _main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine.stopping import entry
+    sys.exit(entry(main))

@@ -175,4 +175,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine.stopping import entry
+    sys.exit(entry(main))

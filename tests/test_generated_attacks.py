@@ -7,6 +7,7 @@ import io
 import os
 import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -122,6 +123,50 @@ def test_damaged_data_is_refused_before_anything_is_written(box, tmp_path_factor
         assert code == 2
 
 
+def shift_folder(root, kind):
+    """A CIFAR-10.1 folder (30 images) or a CIFAR-10-C one (one corruption, 1 severity)."""
+    import numpy as np
+    root.mkdir()
+    n = 30 if kind == "10.1" else 10000
+    x, y = np.zeros((n, 32, 32, 3), np.uint8), np.arange(n, dtype=np.int64) % 10
+    names = ("v6_data.npy", "v6_labels.npy") if kind == "10.1" else ("fog.npy", "labels.npy")
+    np.save(root / names[0], x)
+    np.save(root / names[1], y)
+    return root / names[0], root / names[1]
+
+
+@BOUNDED
+@given(st.sampled_from(["10.1", "C"]), st.sampled_from(["images", "labels"]),
+       st.sampled_from(["missing", "pickle", "truncated", "text", "float", "shape", "range", "length", "empty"]))
+def test_damaged_shift_sets_are_refused_in_one_line(box, tmp_path_factory, kind, which, damage):
+    """evaluate.py --data-dir with a CIFAR-10.1 or CIFAR-10-C folder one of whose arrays is damaged:
+    one error line naming it, never a traceback, never a pickle loaded."""
+    import numpy as np
+    images, labels = shift_folder(tmp_path_factory.mktemp("shift") / "set", kind)
+    path = images if which == "images" else labels
+    a = np.load(path)
+    if damage == "missing":
+        path.unlink()
+    elif damage == "pickle":
+        np.save(path, np.array([{"a": 1}] * len(a), dtype=object), allow_pickle=True)
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    elif damage == "text":
+        path.write_text("not an array\n")
+    elif damage == "float":
+        np.save(path, a.astype(np.float32))
+    elif damage == "shape":
+        np.save(path, a.reshape(len(a), -1) if which == "labels" or a.ndim == 1 else a.transpose(0, 3, 1, 2))
+    elif damage == "range":
+        np.save(path, (a.astype(np.int64) + 10) if which == "labels" else a.astype(np.int64))
+    elif damage == "length":
+        np.save(path, a[:-1])
+    else:
+        np.save(path, a[:0])
+    assert contract(box, evaluate.main, [str(box / "runs" / "done"), "--data-dir", str(path.parent),
+                                         "--device", "cpu"]) == 2
+
+
 RUN_FILES = st.sampled_from(["last.pt", "config.yaml", "metrics.jsonl", "results.json", ".lock"])
 
 
@@ -159,3 +204,40 @@ def test_deeply_nested_record_lines_are_skipped_by_every_reader(box, tmp_path_fa
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         plot.read_curves(folder)
         assert summarize.main([str(folder)]) == 2  # its one record skipped: nothing to summarise
+
+
+TOOLS = [("train.py", []), ("evaluate.py", ["runs/x"]), ("sharpness.py", ["runs/x"]), ("scripts/plot.py", ["runs/x"]),
+         ("scripts/summarize.py", ["runs"]), ("-m engine.sweep", []), ("-m benchmarks.suite", ["--smoke"]),
+         ("-m benchmarks.throughput", []), ("-m benchmarks.sam_overhead", []),
+         ("-m benchmarks.loader_throughput", ["--data-dir", "x"])]
+ERRORS = st.sampled_from([RuntimeError, KeyError, TypeError, AttributeError, ZeroDivisionError, IndexError,
+                          AssertionError, NotImplementedError, LookupError, ArithmeticError, MemoryError])
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.sampled_from(TOOLS), ERRORS, st.text(max_size=40))
+def test_any_other_exception_of_any_tool_is_one_bug_line_naming_its_saved_traceback(tool, error, message):
+    """Every entry point, a failure that no check turned into an `error:` line (here: thrown where
+    each starts, in argparse): exit 1, one `bug:` line naming a file that holds the traceback, which is
+    written outside the repository and the runs."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    name, args = tool
+    target = f"runpy.run_module({name[3:]!r}, run_name='__main__')" if name.startswith("-m ") else \
+        f"runpy.run_path({name!r}, run_name='__main__')"
+    code = (f"import argparse, runpy, sys\n"
+            f"def boom(*a, **k): raise {error.__name__}({message!r})\n"
+            f"argparse.ArgumentParser.parse_known_args = boom\n"
+            f"sys.argv = [{name.split()[-1]!r}, *{args!r}]\n"
+            f"sys.path.insert(0, {str(REPO / (name.rsplit('/', 1)[0] if '/' in name else '.'))!r})\n{target}\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("bug: "), (result.returncode, lines)
+    assert f"({error.__name__}: " in lines[0] and "Traceback" not in result.stderr
+    saved = Path(lines[0].split("the traceback is saved in ")[1].split(": please report")[0])
+    try:
+        assert "Traceback" in saved.read_text() and f"{error.__name__}" in saved.read_text()
+        assert REPO not in saved.parents
+    finally:
+        saved.unlink()

@@ -370,10 +370,10 @@ def test_interpolation_marks_where_each_run_sits(comparison):
 
 def test_ctrl_c_during_a_measurement_is_one_line_and_exit_130(monkeypatch, capsys):
     """A long Lanczos run answers Ctrl-C at once, without a traceback."""
-    from engine.stopping import interruptible
+    from engine.stopping import entry
 
     def measuring(argv):
         raise KeyboardInterrupt
-    assert interruptible(measuring, []) == 130
+    assert entry(measuring, []) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["interrupted by Ctrl-C: stopped at once; nothing more was written"]
