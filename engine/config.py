@@ -227,7 +227,7 @@ def build_parser():
     p.add_argument("--resume", nargs="?", const="auto")
     p.add_argument("--check", action="store_true", default=None)
     for name, spec in SETTINGS.items():
-        flags = [flag(name)] + (["--batch_size"] if name == "batch_size" else [])
+        flags = [flag(name)] + ([f"--{name}"] if "_" in name else [])  # --batch_size as YAML spells it, too
         if spec.type is bool:
             p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction)
         else:
@@ -245,7 +245,8 @@ def settings_markdown():
     lines = ["# Settings", "",
              "Generated from `SETTINGS` in `engine/config.py` by `python -m engine.config --markdown > "
              "docs/settings.md`; a test checks it is current. The defaults are the paper's headline run "
-             "(`python train.py`). Flags are the names with `-` for `_` (`--batch-size`); YAML keys are the names. "
+             "(`python train.py`). Flags are the names with `-` for `_` (`--batch-size`; `--batch_size` works too, "
+             "and of a flag given twice the last counts, as in any argparse tool); YAML keys are the names. "
              "*Experiment* settings change what a run computes: they are in its name and in results.json, and "
              "`--resume` refuses to change them.", "",
              "| setting | default | meaning | allowed | experiment | source of the default |",

@@ -63,9 +63,9 @@ def start_tracking(run):
     config, meta = run.config, run.meta
     resumed = run.step > 0 or (run.dir / "config.yaml").is_file()  # an earlier attempt logged to this run
     if resumed:
-        where = f", batch {run.batch} of {len(run.train_loader)} of epoch {run.epoch + 1}" if run.batch else ""
-        print(f"resuming {run.dir} from epoch {run.epoch}, step {run.step}{where}"
-              + (" (the earlier attempt stopped before its first checkpoint)" if not run.step else ""))
+        from engine.stopping import position
+        print(f"resuming {run.dir} after step {run.step} ({position(run)})" if run.step else
+              f"resuming {run.dir} from its start (the earlier attempt stopped before its first checkpoint)")
     print(yaml.safe_dump({"config": config, **meta}, sort_keys=False).rstrip())
     run.dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run.dir / "config.yaml", yaml.safe_dump({**config, "meta": meta}, sort_keys=False).encode())

@@ -97,10 +97,8 @@ def stopped(run, tracker, stopper):
     """A signal stopped the run; its last step is checkpointed. One line, and the documented exit code."""
     name = signal.Signals(stopper.signum).name
     if run.dist.main:
-        where = f"epoch {run.epoch + 1}, batch {run.batch} of {len(run.train_loader)}" if run.batch else \
-            f"the end of epoch {run.epoch}"
         if (run.dir / "last.pt").is_file():
-            say(f"stopped by {name} after step {run.step} ({where}); {run.dir / 'last.pt'} holds that step. "
+            say(f"stopped by {name} after step {run.step} ({position(run)}); {run.dir / 'last.pt'} holds that step. "
                 f"Continue with: python train.py --resume {run.dir}")
         else:
             say(f"stopped by {name} before the first step; nothing to checkpoint. Start it with the same command again")
@@ -108,6 +106,12 @@ def stopped(run, tracker, stopper):
     if run.dist.enabled:
         torch.distributed.destroy_process_group()
     return exit_code(stopper.signum)
+
+
+def position(run):
+    """Where a run stands, as the stop and resume lines say it: "epoch 2, batch 3 of 6" or "the end of epoch 1"."""
+    return f"epoch {run.epoch + 1}, batch {run.batch} of {len(run.train_loader)}" if run.batch else \
+        f"the end of epoch {run.epoch}"
 
 
 def stop_if_not_finite(run, first_bad, tracker):
