@@ -139,8 +139,8 @@ def test_a_requeued_preempted_or_timed_out_run_resumes_to_the_weights_of_an_unin
     if interruption == "preemption" and CLUSTER[1] is None:
         pytest.skip("this cluster has one partition priority tier, so nothing preempts")
     data, out, ref = write_cifar10(tmp_path / "data", per_batch=40), tmp_path / "runs", tmp_path / "ref"
-    # SLURM sends its time-limit warning up to a minute late: that run must last longer than that
-    epochs = 60 if interruption == "time limit" else 6
+    # the warning is due 30 s into the run and SLURM sends it up to a minute late: that run lasts longer
+    epochs = 200 if interruption == "time limit" else 6
     assert run_cli(["--config", CONFIG, "--seed", "0", *flags(data, epochs), "--out-dir", str(ref)]).returncode == 0
     # the run takes the whole node, so a job of the higher-priority partition must preempt it
     assert sweep(out, "0", data, epochs, "--cpus-per-run", str(CLUSTER[2])).returncode == 0
