@@ -25,7 +25,7 @@ from analysis.figures import OutputError, check_output_file
 from data import DataError, load_cifar
 from data.loaders import DeviceLoader
 from engine import checkpoint
-from engine.config import ConfigError, OneLineParser
+from engine.config import ConfigError, OneLineParser, read
 from engine.evaluation import evaluate_loader
 from engine.step import resolve_runtime
 from train import data_loaders
@@ -47,7 +47,7 @@ def parse(argv):
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.split == "val" and args.data_dir:
         raise ConfigError("--split val is the run's own held-out images; drop --data-dir (or --split)")
-    if args.json:
+    if args.json is not None:
         try:
             check_output_file(args.json, "--json", example="eval.json")  # never a run's own file, checked first
         except OutputError as e:
@@ -97,6 +97,8 @@ def shift_sets(folder):
 
 def array(path):
     """A .npy file as numpy reads it without running code (no pickles) -> array; a ConfigError if not."""
+    if not Path(path).is_file():  # a named pipe would block the reader forever
+        raise ConfigError(f"{path} is not a regular file; CIFAR-10.1 and CIFAR-10-C arrays are .npy files")
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
@@ -175,7 +177,7 @@ def report(results, config, state, path):
             worst = sorted(range(len(names)), key=lambda i: r["per_class_acc"][i])[:5]
             print("worst classes: " + ", ".join(f"{i} {r['per_class_acc'][i]:.3f}" for i in worst))
     try:
-        recorded = json.loads((path.parent / "results.json").read_text())
+        recorded = json.loads(read(path.parent / "results.json"))
     except (OSError, ValueError, RecursionError):
         return
     if "test" in results and isinstance(recorded, dict) and recorded.get("epochs") == state["epoch"] and \

@@ -10,12 +10,13 @@ import math
 import os
 from pathlib import Path
 
+from engine.checkpoint import RUN_FILES  # train.py's own files in a run folder
+
 FEW = 20  # series of at most this many points are drawn with a marker on each
 STYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 RC = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9, "ytick.labelsize": 9,
       "legend.fontsize": 9, "lines.linewidth": 1.6}
-RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "results.json", ".lock", "stdout.log")  # train.py's own
 
 
 def style(i):
@@ -113,6 +114,8 @@ def run_folder_file(path):
 def check_output_file(path, option="--out", example="curves.png"):
     """A file about to be written (or overwritten): its folder exists and is writable, it is not a folder,
     and it is not a file of a run folder train.py wrote. OutputError otherwise."""
+    if not str(path).strip():
+        raise OutputError(f"{option} is empty; name the file to write, e.g. {option} {example}")
     path = Path(path)
     folder = run_folder_file(path)
     if folder is not None:

@@ -38,15 +38,26 @@ class CifarData:
 
 def default_data_dir():
     """$SAM_DATA_DIR, else the user cache folder (never inside the code folders)."""
-    if os.environ.get(DATA_DIR_ENV):
-        return Path(os.environ[DATA_DIR_ENV]).expanduser()
+    if DATA_DIR_ENV in os.environ:
+        return _folder(os.environ[DATA_DIR_ENV], f"${DATA_DIR_ENV}")
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache) / "sam-cifar"
 
 
 def resolve_data_dir(data_dir=None):
     """--data-dir, else $SAM_DATA_DIR, else the user cache folder."""
-    return Path(data_dir).expanduser() if data_dir else default_data_dir()
+    return _folder(data_dir, "--data-dir") if data_dir is not None else default_data_dir()
+
+
+def _folder(text, where):
+    """A data folder as given (~ expanded); DataError for an empty one or a ~user that does not exist."""
+    text = str(text)
+    if not text.strip():
+        raise DataError(f"{where} is empty; name the folder of the data (or leave it out for the default)")
+    try:
+        return Path(text).expanduser()
+    except RuntimeError as e:
+        raise DataError(f"{where} {text!r}: {e}; write the folder's full path") from None
 
 
 def check_files(dataset, data_dir=None, download=False):
@@ -114,7 +125,10 @@ def _read_batch(path, label_key, num_classes):
     try:
         with open(path, "rb") as f:
             entry = _ArraysOnly(f, encoding="latin1").load()
-        data, labels = np.asarray(entry["data"]), np.asarray(entry[label_key], dtype=np.int64)
+        data, raw = np.asarray(entry["data"]), np.asarray(entry[label_key])
+        if raw.dtype.kind not in "iu":  # strings, floats, bools: not read as some other label, refused
+            raise TypeError(f"its {label_key} are {raw.dtype} values, not integers")
+        labels = raw.astype(np.int64)
     except Exception as e:  # truncated, corrupt, hostile, or not a CIFAR batch at all
         raise DataError(f"cannot read data file {path} ({type(e).__name__}: {e}); {fix}") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):

@@ -24,6 +24,8 @@ LOCK = ".lock"
 # What train.py's last.pt holds, each for one reason: what resumes the computation (model, optimizer,
 # scaler, rng, epoch, batch, step, partial), what the run reports (sam_steps, best, metrics, wall_time),
 # what proves the file is this run's, on this run's data, and whole (config, run_id, data_md5, digest).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "results.json", ".lock", "stdout.log")  # a run folder's own
+
 KEYS = {"model", "optimizer", "scaler", "rng", "epoch", "batch", "step", "partial", "sam_steps", "best", "metrics",
         "wall_time", "config", "run_id", "data_md5", "digest"}
 

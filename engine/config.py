@@ -274,8 +274,8 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _plain_scalar(loader, node):
-    text, tag = node.value, node.tag
-    if node.style is None and tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"):
+    text, tag = node.value, node.tag  # quoted text is a number or a bool only by an explicit tag: checked too
+    if tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"):
         plain = {"tag:yaml.org,2002:int": r"[-+]?(0|[1-9][0-9]*)",
                  "tag:yaml.org,2002:bool": r"true|false|True|False|TRUE|FALSE",
                  "tag:yaml.org,2002:float": r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|"
@@ -292,13 +292,22 @@ _StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+
                                     list("-+0123456789"))  # 5e-4 is a number, as a person reads it
 
 
+def read(path):
+    """The bytes of a file a tool reads; OSError unless it is a regular file (a named pipe or a device
+    would block the reader forever). Every reader of run records, configs and data goes through it."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise OSError(f"{path} is not a regular file")
+    return path.read_bytes()
+
+
 def load_yaml(path, _seen=()):
     """The settings of a YAML file, after those of the `base:` file it names (relative to it)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; pass an existing YAML file to --config")
     try:
-        values = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
+        values = yaml.load(read(path).decode(), Loader=_StrictLoader) or {}
     except (yaml.YAMLError, RecursionError) as e:
         raise ConfigError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -478,14 +487,22 @@ def default_name(config):
     return name + extra
 
 
-if __name__ == "__main__":
-    # python -m engine.config --markdown            docs/settings.md
-    # python -m engine.config SETTING [flags]       a setting's resolved value (for the sweep scripts)
-    if sys.argv[1:] == ["--markdown"]:
+def main(argv):
+    """python -m engine.config --markdown: docs/settings.md; python -m engine.config SETTING [flags]: a
+    setting's resolved value (for the sweep scripts)."""
+    if argv == ["--markdown"]:
         sys.stdout.write(settings_markdown())
-        sys.exit(0)
+        return 0
     try:
-        print(parse_config(sys.argv[2:]).config[sys.argv[1]])
+        if not argv or argv[0] not in SETTINGS:
+            raise ConfigError(f"name a setting first (one of {', '.join(SETTINGS)}), then train.py's flags")
+        print(parse_config(argv[1:]).config[argv[0]])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    from engine.stopping import entry
+    sys.exit(entry(main, sys.argv[1:]))

@@ -41,6 +41,11 @@ def torchrun_environment():
     if world < 1 or rank >= world or local >= world:
         raise ConfigError(f"$WORLD_SIZE={world}, $RANK={rank}, $LOCAL_RANK={local} do not describe a world of "
                           f"processes (need WORLD_SIZE >= 1 and ranks below it); unset them, or use torchrun")
+    port = os.environ.get("MASTER_PORT", "")
+    if world > 1 and (not os.environ.get("MASTER_ADDR", "").strip() or not re.fullmatch(r"[0-9]{1,5}", port)
+                      or not 0 < int(port) < 65536):
+        raise ConfigError(f"$WORLD_SIZE={world} without a $MASTER_ADDR and a $MASTER_PORT (1-65535) to meet at; "
+                          f"start the processes with torchrun, which sets them, or unset WORLD_SIZE")
     return world, rank, local
 
 

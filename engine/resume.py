@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from engine import checkpoint
-from engine.config import EXPERIMENT, SETTINGS, ConfigError, default_name, defaults, validate
+from engine.config import EXPERIMENT, SETTINGS, ConfigError, default_name, defaults, flag, read, validate
 
 
 def stamp(path):
@@ -22,7 +22,7 @@ def stamp(path):
 def read_run_config(run_dir):
     """The config.yaml a run folder holds (written when the run started) -> {config, meta}, or None."""
     try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        saved = yaml.safe_load(read(run_dir / "config.yaml").decode())
     except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
         return None
     if not isinstance(saved, dict):
@@ -51,8 +51,10 @@ def run_folder(parsed):
     else:
         path = checkpoint.find(parsed.resume)
         run_dir = path.parent
-    if path.exists() and not path.is_file():
-        raise ConfigError(f"{path} is not a file, so it cannot be this run's checkpoint; move it away and run again")
+    for name in checkpoint.RUN_FILES:  # a folder, a named pipe or a device where a run keeps a file: refused before anything
+        if (run_dir / name).exists() and not (run_dir / name).is_file():
+            raise ConfigError(f"{run_dir / name} is not a regular file, so it cannot be this run's {name}; move it "
+                              f"away and run again")
     earlier = read_run_config(run_dir)
     if parsed.resume is None:
         if path.exists():
@@ -75,6 +77,12 @@ def run_folder(parsed):
     else:
         raise ConfigError(f"--resume: no checkpoint at {path}; check --out-dir/--name or pass the run folder "
                           f"(its name changes with the settings: see python train.py --check)")
+    if parsed.resume != "auto":  # --resume PATH names the folder: a --name or --out-dir that says otherwise is refused
+        for key, named in (("name", run_dir.name), ("out_dir", str(run_dir.parent))):
+            same = config[key] == named if key == "name" else Path(config[key]).resolve() == run_dir.parent.resolve()
+            if key in parsed.given and not same:
+                raise ConfigError(f"--resume {parsed.resume} is the run {run_dir.name!r} in {run_dir.parent}, but "
+                                  f"{flag(key)} {config[key]} says otherwise; drop {flag(key)}")
     config = {**defaults(), **{k: v for k, v in saved.items() if k in SETTINGS},
               **parsed.given, "out_dir": str(run_dir.parent), "name": run_dir.name}
     validate(config, parsed.flags)

@@ -179,12 +179,17 @@ def check_options(options, error):
     if options.time is not None and options.time < MIN_TIME_MIN:
         error(f"--time {options.time} is too short: SLURM warns a job {SIGNAL_S} s before its limit, and starting, "
               f"one step and a checkpoint must fit before that; give --time {MIN_TIME_MIN} or more (minutes)")
+    if options.time is not None and options.time > 525600:
+        error(f"--time {options.time} is more than a year of minutes; give the job's limit in minutes")
+    for key in ("partition", "account", "constraint"):
+        if getattr(options, key) is not None and not getattr(options, key).strip():
+            error(f"--{key} is empty; name one, or leave it out for the cluster's default")
     if options.cpus_per_run is not None and options.cpus_per_run < 1:
         error("--cpus-per-run takes a whole number >= 1")
     keys = []
     for arg in options.slurm_arg or []:
         key = arg.split("=", 1)[0].lstrip("-").replace("_", "-")
-        if "=" not in arg or not key:
+        if "=" not in arg or not key or not arg.split("=", 1)[1].strip():
             error(f"--slurm-arg takes KEY=VALUE (an sbatch option without its dashes), got {arg!r}")
         if key in OWN:
             error(f"--slurm-arg {arg}: {OWN[key]}")

@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 import torch
 
 from engine.checkpoint import atomic_write
+from engine.config import read
 
 
 def has_wandb_credentials():
@@ -94,7 +95,7 @@ class Tracker:
         if not self.path.is_file():
             return
         kept = []
-        for line in self.path.read_bytes().splitlines():
+        for line in read(self.path).splitlines():
             try:
                 if json.loads(line)["step"] <= step:
                     kept.append(line)

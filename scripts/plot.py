@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis import figures  # noqa: E402
-from engine.config import OneLineParser  # noqa: E402
+from engine.config import OneLineParser, read  # noqa: E402
 
 FORMATS = (".png", ".pdf", ".svg")
 
@@ -47,7 +47,7 @@ def read_curves(folder):
     """-> {"epoch": [...], "train_loss": [...], "test_error": [...]}, and the logged lr against fractional
     epochs ("lr_epoch", "lr"), and the schedule at every step when it reproduces them ("schedule")."""
     epochs, lr = [], []
-    for line in (folder / "metrics.jsonl").read_bytes().splitlines():
+    for line in read(folder / "metrics.jsonl").splitlines():
         try:
             row = json.loads(line)
         except (ValueError, RecursionError):  # a torn last line, or nested past reading
@@ -55,10 +55,11 @@ def read_curves(folder):
         if not isinstance(row, dict):
             continue
         kind = row.get("kind") or ("epoch" if "test/acc" in row else "step")
-        if kind == "epoch" and "train/loss" in row and "test/error" in row:
+        if kind == "epoch" and all(finite(row.get(k)) for k in ("train/loss", "test/error")) and \
+                counted(row.get("epoch")) and counted(row.get("step")):
             epochs.append(row)
-        elif kind == "step" and "lr" in row and "step" in row:
-            lr.append((row["step"], row["lr"]))
+        elif kind == "step" and finite(row.get("lr")) and counted(row.get("step"), 0):
+            lr.append((row["step"], row["lr"]))  # a row of other values (hand-edited, damaged) is not drawn
     if not epochs:
         raise InputError(f"{folder}/metrics.jsonl has no finished epoch yet; nothing to plot")
     steps_per_epoch = epochs[0]["step"] / epochs[0]["epoch"]
@@ -68,13 +69,21 @@ def read_curves(folder):
             "schedule": schedule(folder, lr, steps_per_epoch)}
 
 
+def finite(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def counted(value, least=1):
+    return isinstance(value, int) and not isinstance(value, bool) and least <= value <= 10**9
+
+
 def schedule(folder, logged, steps_per_epoch):
     """train.py's cosine, lr (1 + cos(pi s / T)) / 2 over T = epochs x steps per epoch, from config.yaml, at
     every step s up to the last logged one (at most ~2000 points) -> (fractional epochs, lr), when it
     reproduces every logged lr; else None (a run resumed with a new length or lr, an unreadable config)."""
     try:
         import yaml
-        config = yaml.safe_load((folder / "config.yaml").read_text())
+        config = yaml.safe_load(read(folder / "config.yaml").decode())
         peak, total = float(config["lr"]), round(float(config["epochs"]) * steps_per_epoch)
     except Exception:  # no config.yaml, or not train.py's
         return None

@@ -25,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine.config import SAM_ONLY, SETTINGS, OneLineParser, shown  # noqa: E402
+from engine.config import SAM_ONLY, SETTINGS, OneLineParser, read, shown  # noqa: E402
 from engine.tracker import has_wandb_credentials  # noqa: E402
 
 # Two-sided 95% Student t quantiles t_{0.975, df}; beyond the table, the normal value.
@@ -93,6 +93,17 @@ def problem(result, metric):
         return f"its rho is {settings.get('rho')!r}"
     if "seed" in result and (isinstance(result["seed"], bool) or not isinstance(result["seed"], int)):
         return f"its seed is {result['seed']!r}"
+    for key, value in settings.items():  # each a value train.py could have run with
+        spec = SETTINGS.get(key)
+        kinds = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}.get(spec.type, ()) if spec else \
+            (int, float, bool, str)
+        if value is not None and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+            return f"its {key} is {value!r}"
+    for key in ("git_commit",):
+        if result.get(key) is not None and not isinstance(result[key], str):
+            return f"its {key} is {result[key]!r}"
+    if result.get("dataset_md5") is not None and not isinstance(result["dataset_md5"], dict):
+        return f"its dataset_md5 is {result['dataset_md5']!r}"
     return None
 
 
@@ -114,7 +125,7 @@ def from_folders(folders, metric):
     for folder in folders:
         for path in sorted(Path(folder).rglob("results.json")):
             try:
-                result = json.loads(path.read_text())
+                result = json.loads(read(path))
             except (OSError, ValueError, RecursionError) as e:
                 warn(f"{path} is unreadable ({type(e).__name__}); skipped")
                 continue

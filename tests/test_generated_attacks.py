@@ -42,7 +42,8 @@ def contract(box, main, argv, env=None):
 
 SCALARS = st.one_of(
     st.sampled_from(["010", "0o17", "0x1f", "1:30", "yes", "no", "on", "off", "~", "null", ".nan", "-.inf", "1e3",
-                     "5e-4", "[1, 2]", "{a: 1}", "'010'", "!!python/object:os.system x", "&a 1", "*a", "", "- 1"]),
+                     "5e-4", "[1, 2]", "{a: 1}", "'010'", '!!int "0x10"', '!!int "1:30"', '!!bool "yes"',
+                     '!!float "1_0"', '!!int "16"', "!!python/object:os.system x", "&a 1", "*a", "", "- 1"]),
     st.integers(-10**20, 10**20).map(str), st.floats(allow_nan=True).map(repr),
     st.text(st.characters(blacklist_categories=("Cs",)), max_size=12).map(lambda t: repr(t)))
 KEYS = st.sampled_from(["seed", "lr", "epochs", "rho", "nesterov", "augment", "cutout_placement", "m_sharpness",
@@ -99,7 +100,7 @@ def test_a_checkpoint_with_a_flipped_byte_never_resumes_silently(box, tmp_path_f
 
 @BOUNDED
 @given(st.sampled_from(["labels", "data", "pickle"]), st.integers(0, 39),
-       st.one_of(st.integers(-3, 300), st.sampled_from([10, -1, 2**40])))
+       st.one_of(st.integers(-3, 300), st.sampled_from([10, -1, 2**40, 2**70, "3", 1.5, 1.0, True, None])))
 def test_damaged_data_is_refused_before_anything_is_written(box, tmp_path_factory, what, index, value):
     folder = tmp_path_factory.mktemp("damaged")
     shutil.copytree(box / "data", folder / "data")
@@ -109,7 +110,7 @@ def test_damaged_data_is_refused_before_anything_is_written(box, tmp_path_factor
     if what == "labels":
         entry["labels"][index] = value
     elif what == "data":
-        entry["data"] = entry["data"][:, : max(1, value % 3072)]
+        entry["data"] = entry["data"][:, : max(1, (value if type(value) is int else 7) % 3072)]
     else:
         class Payload:
             def __reduce__(self):
@@ -119,8 +120,8 @@ def test_damaged_data_is_refused_before_anything_is_written(box, tmp_path_factor
     args = [a if a != str(box / "data") else str(folder / "data") for a in fill(TRAIN, box)]
     code = contract(box, train.main, ["--check", *args])
     assert not marker.exists(), "the pickle's payload ran"
-    if what == "pickle" or (what == "labels" and not 0 <= value < 10) or what == "data":
-        assert code == 2
+    if what == "pickle" or what == "data" or (what == "labels" and not (type(value) is int and 0 <= value < 10)):
+        assert code == 2  # a label that is not an integer 0-9 (a string, 1.5, even 1.0 or True) is refused
 
 
 def shift_folder(root, kind):
@@ -241,3 +242,73 @@ def test_any_other_exception_of_any_tool_is_one_bug_line_naming_its_saved_traceb
         assert REPO not in saved.parents
     finally:
         saved.unlink()
+
+
+@BOUNDED
+@given(st.sampled_from(["config.yaml", "metrics.jsonl", "results.json", ".lock", "last.pt"]),
+       st.sampled_from(["fifo", "folder"]), st.sampled_from(["check", "resume", "plot", "summarize", "evaluate"]))
+def test_a_run_file_that_is_not_a_regular_file_is_refused_never_waited_on(box, tmp_path_factory, name, kind, tool):
+    """A named pipe (which would block a reader forever) or a folder where a run keeps a file: every
+    tool that reads the run refuses it in one line or skips it, before anything is written."""
+    import signal as signals
+    import plot
+    import summarize
+    folder = tmp_path_factory.mktemp("odd") / "half"
+    shutil.copytree(box / "runs" / "half", folder)
+    (folder / name).unlink(missing_ok=True)
+    os.mkfifo(folder / name) if kind == "fifo" else (folder / name).mkdir()
+
+    def hung(*_):
+        raise AssertionError(f"{tool} waited on the {kind} {name}")
+    previous = signals.signal(signals.SIGALRM, hung)
+    signals.alarm(60)
+    try:
+        if tool in ("check", "resume"):
+            code = contract(box, train.main, [*(["--check"] if tool == "check" else []), "--resume", str(folder),
+                                              "--device", "cpu", "--wandb-mode", "disabled"])
+            assert code == 2 and not (folder / "results.json").is_file()
+        elif tool == "plot":
+            contract(box, plot.main, [str(folder), "--out", str(folder.parent / "p.png")])
+        elif tool == "summarize":
+            contract(box, summarize.main, [str(folder)])
+        else:
+            contract(box, evaluate.main, [str(folder), "--device", "cpu"])
+    finally:
+        signals.alarm(0)
+        signals.signal(signals.SIGALRM, previous)
+
+
+JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30), st.floats(allow_nan=True),
+                        st.text(max_size=5), st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2),
+                                                                                                  st.integers(), max_size=1))
+
+
+@BOUNDED
+@given(st.sampled_from(["epoch", "step", "train/loss", "test/error", "lr", "kind"]), JSON_VALUES,
+       st.sampled_from(["settings.lr", "settings.model", "settings.seed", "git_commit", "dataset_md5", "seed",
+                        "final_test_error"]), JSON_VALUES)
+def test_records_with_values_of_any_type_are_skipped_or_refused_never_a_crash(box, tmp_path_factory, field, value,
+                                                                              key, other):
+    """metrics.jsonl rows and results.json fields holding any JSON value: plot.py draws what is sound and
+    summarize.py skips a record it cannot trust (with a warning), or each says why it has nothing."""
+    import json
+    import plot
+    import summarize
+    folder = tmp_path_factory.mktemp("values") / "done"
+    shutil.copytree(box / "runs" / "done", folder)
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        if field in row or field == "kind":
+            row[field] = value
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = json.loads((folder / "results.json").read_text())
+    where = result.get("settings", result) if key.startswith("settings.") else result
+    where[key.split(".")[-1]] = other
+    (folder / "results.json").write_text(json.dumps(result))
+    contract(box, plot.main, [str(folder), "--out", str(folder.parent / "p.png")])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()) as out:
+        code = summarize.main([str(folder)])
+    assert code in (0, 2) and "Traceback" not in err.getvalue()
+    if key == "settings.lr" and not (type(other) in (int, float)) and other is not None:
+        assert code == 2 and "skipped" in err.getvalue()  # an lr of {other!r}: not a run's record
