@@ -25,7 +25,7 @@ from analysis.figures import OutputError, check_output_file
 from data import DataError, load_cifar
 from data.loaders import DeviceLoader
 from engine import checkpoint
-from engine.config import ConfigError, OneLineParser, read
+from engine.config import ConfigError, OneLineParser, read, refuse
 from engine.evaluation import evaluate_loader
 from engine.step import resolve_runtime
 from train import data_loaders
@@ -147,8 +147,7 @@ def main(argv=None):
         else:
             loaders = {args.split: loaders[args.split]}
     except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse(e)
     except KeyboardInterrupt:
         return 130
     data.warn()

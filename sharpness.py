@@ -17,6 +17,7 @@ sharpness/ and the plots as images.
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from analysis.landscape import along, filter_normalised_direction, interpolate
 from analysis.m_sharpness import m_sharpness
 from data import DataError, load_cifar
 from engine import checkpoint
-from engine.config import ConfigError, OneLineParser
+from engine.config import ConfigError, OneLineParser, refuse
 from engine.step import resolve_device
 from engine.tracker import has_wandb_credentials, wandb_dir, wandb_mode
 from sam import frozen_bn_stats
@@ -51,15 +52,15 @@ def parse(argv):
                         "less exact for the smaller of the K)")
     p.add_argument("--density", action="store_true", help="the Hessian's spectral density (stochastic Lanczos "
                                                           "quadrature, Ghorbani et al. 2019)")
-    p.add_argument("--density-runs", type=int, default=5, help="random start vectors for --density")
-    p.add_argument("--density-steps", type=int, default=60, help="Lanczos steps per start vector for --density")
+    p.add_argument("--density-runs", type=int, help="random start vectors for --density (default: 5)")
+    p.add_argument("--density-steps", type=int, help="Lanczos steps per start vector for --density (default: 60)")
     p.add_argument("--m-sharpness", type=int, default=0, metavar="M", help="m-sharpness over groups of M images")
     p.add_argument("--rho", type=float, default=None, help="the ascent radius for --m-sharpness (default: the run's)")
     p.add_argument("--landscape", nargs="+", choices=("1d", "2d", "interp"), default=[], metavar="KIND",
                    help="one or more of: 1d, 2d (loss along filter-normalised random directions), interp (along "
                         "the line between the two --compare runs)")
     p.add_argument("--points", type=int, default=None, help="grid points per axis (default: 25 for 1-D, 11 for 2-D)")
-    p.add_argument("--span", type=float, default=1.0, help="landscape coordinates run over [-span, span]")
+    p.add_argument("--span", type=float, help="landscape coordinates run over [-span, span] (default: 1)")
     p.add_argument("--batches", type=int, default=4, help="fixed training batches to measure on")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--bn", choices=("eval", "train"), default="eval", help="BatchNorm: running (eval) or batch "
@@ -79,14 +80,21 @@ def parse(argv):
         raise InputError("--landscape interp draws the line between two runs: add --compare RUN_A RUN_B")
     if args.compare and not args.out:
         raise InputError("--compare needs --out DIR for the shared figures")
+    for option, mode, on in (("--lanczos-steps", "--hessian K", args.hessian), ("--density-runs", "--density", args.density),
+                             ("--density-steps", "--density", args.density), ("--rho", "--m-sharpness M", args.m_sharpness),
+                             ("--points", "--landscape", args.landscape), ("--span", "--landscape", args.landscape)):
+        if getattr(args, option[2:].replace("-", "_")) is not None and not on:  # a setting that would do nothing
+            raise InputError(f"{option} is a setting of {mode}, which this command does not measure: add {mode}, "
+                             f"or drop {option}")
+    args.density_runs = 5 if args.density_runs is None else args.density_runs
+    args.density_steps = 60 if args.density_steps is None else args.density_steps
+    args.span = 1.0 if args.span is None else args.span
     for name, value, low in (("--hessian", args.hessian, 0), ("--batches", args.batches, 1),
                              ("--density-runs", args.density_runs, 1), ("--density-steps", args.density_steps, 2),
                              ("--batch-size", args.batch_size, 1), ("--m-sharpness", args.m_sharpness, 0)):
         if value < low:
             raise InputError(f"{name} must be >= {low}, got {value}")
     if args.lanczos_steps is not None:
-        if not args.hessian:
-            raise InputError("--lanczos-steps sets the Lanczos steps of --hessian K: add --hessian K")
         if not max(1, args.hessian) <= args.lanczos_steps <= 10000:
             raise InputError(f"--lanczos-steps must be an integer in [{max(1, args.hessian)}, 10000] (at least "
                              f"--hessian {args.hessian}), got {args.lanczos_steps}")
@@ -298,6 +306,11 @@ def main(argv=None):
         outputs = ["sharpness.json", *figure_names(args)]
         if args.out:  # checked before anything is loaded, measured or drawn
             figures.check_output_folder(args.out, outputs)
+            other = checkpoint.enclosing_run(args.out)
+            if other is not None and (args.compare or other != Path(os.path.realpath(checkpoint.find(args.run))).parent):
+                raise InputError(f"--out {args.out} is {'inside ' if other != Path(os.path.realpath(args.out)) else ''}"
+                                 f"run folder {other}, not the run measured here; its records would describe "
+                                 f"another run: choose another --out (or leave it out for the measured run's folder)")
         measured = [Measured(run, args) for run in runs]
         if len(measured) == 2 and measured[0].name == measured[1].name:  # runs/a/x and runs/b/x
             for m in measured:
@@ -309,12 +322,9 @@ def main(argv=None):
         figures.check_output_folder(out_dir, outputs)
         out_dir.mkdir(exist_ok=True)
     except (InputError, figures.OutputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse(e)
     except OSError as e:
-        print(f"error: cannot write the output folder ({e.strerror}: {e.filename}); choose another --out",
-              file=sys.stderr)
-        return 2
+        return refuse(f"cannot write the output folder ({e.strerror}: {e.filename}); choose another --out")
     for note in dict.fromkeys(m.data_note for m in measured if m.data_note):
         print(note, file=sys.stderr)
     results = {m.name: measure(m, args) for m in measured}

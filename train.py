@@ -30,7 +30,7 @@ from data import DataError, build_loaders, load_cifar
 from data.cifar import resolve_data_dir
 from engine import checkpoint, preflight, resume
 from engine.bootstrap import label_predictor
-from engine.config import ConfigError, loader_kind, num_classes, parse_config
+from engine.config import ConfigError, loader_kind, num_classes, parse_config, printable, refuse
 from engine.distributed import Dist, all_reduce_sum, average_buffers, averaged_state, init_distributed, \
     replica_digests
 from engine.evaluation import evaluate_loader
@@ -75,8 +75,7 @@ def main(argv=None):
             return 0
         run = prepare(parsed)
     except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse(e)
     except KeyboardInterrupt:
         print("\ninterrupted while starting: no step was taken", file=sys.stderr)
         return exit_code(signal.SIGINT)
@@ -85,7 +84,7 @@ def main(argv=None):
     try:
         return train(run)
     except OSError as e:  # a full disk, a folder made read-only mid-run
-        print(f"error: {checkpoint.write_failure(run.dir, e)}", file=sys.stderr)
+        print(f"error: {printable(checkpoint.write_failure(run.dir, e))}", file=sys.stderr)
         return 1
     finally:
         run.lock and run.lock.release()

@@ -10,7 +10,7 @@ import math
 import os
 from pathlib import Path
 
-from engine.checkpoint import RUN_FILES  # train.py's own files in a run folder
+from engine.checkpoint import RUN_FILES, is_run_folder  # train.py's own files in a run folder
 
 FEW = 20  # series of at most this many points are drawn with a marker on each
 STYLES = ("-", "--", ":", "-.")
@@ -106,7 +106,7 @@ def run_folder_file(path):
     """The run folder whose own file `path` is (after following links), or None."""
     real = Path(os.path.realpath(path))
     folder = real.parent
-    if real.name in RUN_FILES and any((folder / name).is_file() for name in ("config.yaml", "metrics.jsonl", "last.pt")):
+    if real.name in RUN_FILES and is_run_folder(folder):
         return folder
     return None
 

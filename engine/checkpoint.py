@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from data.cifar import RELEASES
-from engine.config import ConfigError, defaults, model_options
+from engine.config import ConfigError, defaults, model_options, read
 from models import build_model
 
 LOCK = ".lock"
@@ -100,6 +101,25 @@ def check_belongs(state, earlier, run_dir):
 
 def disk_full(error):
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_run_folder(folder):
+    """Whether train.py wrote this folder: its checkpoint, metrics or results, or a config.yaml of its own
+    (settings and their meta), which it writes first. A project's own config.yaml beside it is not one."""
+    folder = Path(folder)
+    if any((folder / name).is_file() for name in ("last.pt", "metrics.jsonl", "results.json")):
+        return True
+    try:
+        saved = yaml.safe_load(read(folder / "config.yaml").decode()) if (folder / "config.yaml").is_file() else None
+    except Exception:  # unreadable: not evidence of a run
+        return False
+    return isinstance(saved, dict) and "meta" in saved and "model" in saved
+
+
+def enclosing_run(path):
+    """The run folder train.py wrote that `path` is, or lies inside (after following links), or None."""
+    real = Path(os.path.realpath(path))
+    return next((folder for folder in (real, *real.parents) if is_run_folder(folder)), None)
 
 
 def find(path):

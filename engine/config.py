@@ -173,13 +173,24 @@ META = (  # flags that are not settings: (flag, metavar, help)
 )
 
 
+def printable(text):
+    """Text as one line a terminal shows as it is: a newline, a tab, an escape or any other control
+    character from the input is written as its escape (\\n, \\x1b), never obeyed."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def refuse(message):
+    """The one way a tool refuses bad input: one `error:` line on stderr -> exit code 2."""
+    print(f"error: {printable(message)}", file=sys.stderr)
+    return 2
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one `error:` line and exit 2, instead of usage + message. Every entry
     point (train.py, sharpness.py, evaluate.py, summarize.py, plot.py, the benchmarks suite) uses it."""
 
     def error(self, message):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(refuse(f"{message} (see {self.prog} --help)"))
 
 
 class _TrainParser(OneLineParser):
@@ -498,8 +509,7 @@ def main(argv):
             raise ConfigError(f"name a setting first (one of {', '.join(SETTINGS)}), then train.py's flags")
         print(parse_config(argv[1:]).config[argv[0]])
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse(e)
     return 0
 
 

@@ -51,6 +51,9 @@ def run_folder(parsed):
     else:
         path = checkpoint.find(parsed.resume)
         run_dir = path.parent
+    inside = checkpoint.enclosing_run(run_dir.parent)
+    if inside is not None:  # runs nested in a run: its records and every tool reading run folders would mix them up
+        raise ConfigError(f"{run_dir.parent} is inside run folder {inside}; give an --out-dir that is no run's folder")
     for name in checkpoint.RUN_FILES:  # a folder, a named pipe or a device where a run keeps a file: refused before anything
         if (run_dir / name).exists() and not (run_dir / name).is_file():
             raise ConfigError(f"{run_dir / name} is not a regular file, so it cannot be this run's {name}; move it "

@@ -125,7 +125,8 @@ def stop_if_not_finite(run, first_bad, tracker):
 
 def stop(run, message, tracker):
     if run.dist.main:
-        print(f"error: {message}", file=sys.stderr)
+        from engine.config import printable  # here: engine.config imports data.loaders, which imports this module
+        print(f"error: {printable(message)}", file=sys.stderr)
         if tracker:
             tracker.finish(exit_code=1)
     sys.exit(1)
@@ -156,9 +157,10 @@ def entry(main, *args):
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (Python's flush at exit must not raise again)
         return 0
     except Exception as e:
+        from engine.config import printable
         first = (str(e).splitlines() or ["-"])[0][:200]
         say(f"bug: {Path(sys.argv[0]).name} failed ({type(e).__name__}: "
-            f"{''.join(c if c.isprintable() else '?' for c in first)}) where no check expected it; the traceback "
+            f"{printable(first)}) where no check expected it; the traceback "
             f"is saved in {bug_report(e)}: please report it with that file")
         return 1
 

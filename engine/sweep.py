@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.config import ConfigError, OneLineParser, build_parser, default_name, flag, parse_config
+from engine.config import ConfigError, OneLineParser, build_parser, default_name, flag, parse_config, refuse
 
 REPO = Path(__file__).resolve().parents[1]
 # train.py flags the sweep sets itself: a script's user cannot give them after --
@@ -257,8 +257,7 @@ def _main(argv):
         else:
             return launch_slurm(runs, options)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse(e)
     if options.dry_run:
         for run in runs:
             print(f"skip {run.name} (finished)" if run.finished() else f"{shlex.join(run.command())}  # {run.dir}")

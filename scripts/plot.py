@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis import figures  # noqa: E402
-from engine.config import OneLineParser, read  # noqa: E402
+from engine.config import OneLineParser, read, refuse  # noqa: E402
 
 FORMATS = (".png", ".pdf", ".svg")
 
@@ -172,13 +172,11 @@ def main(argv=None):
         for folder in folders:
             read_curves(folder)  # every run readable before anything is drawn
     except (InputError, figures.OutputError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse(e)
     try:
         plot(folders, out)
     except OSError as e:  # the disk filled, the folder went away
-        print(f"error: cannot write {out} ({e.strerror or e}); choose another --out", file=sys.stderr)
-        return 2
+        return refuse(f"cannot write {out} ({e.strerror or e}); choose another --out")
     print(f"written: {out} ({len(folders)} run(s))")
     return 0
 

@@ -25,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine.config import SAM_ONLY, SETTINGS, OneLineParser, read, shown  # noqa: E402
+from engine.config import SAM_ONLY, SETTINGS, OneLineParser, read, refuse, shown  # noqa: E402
 from engine.tracker import has_wandb_credentials  # noqa: E402
 
 # Two-sided 95% Student t quantiles t_{0.975, df}; beyond the table, the normal value.
@@ -325,16 +325,13 @@ def main(argv=None):
         try:
             runs += from_wandb(args.wandb_group, args.wandb_sweep, args.wandb_project, args.wandb_entity, args.metric)
         except Exception as e:  # the network, a project that does not exist: W&B's own error, in one line
-            print(f"error: reading W&B failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); check "
-                  f"--wandb-project/--wandb-entity and the network", file=sys.stderr)
-            return 2
+            return refuse(f"reading W&B failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); check "
+                          f"--wandb-project/--wandb-entity and the network")
     if not runs:
-        print("error: no finished runs found (results.json); check the folders or the W&B group", file=sys.stderr)
-        return 2
+        return refuse("no finished runs found (results.json); check the folders or the W&B group")
     if args.table4 and not any(r["settings"].get("label_noise") in LEVELS for r in runs):
-        print(f"error: --table4: none of the {len(runs)} runs has label noise 0.2, 0.4, 0.6 or 0.8; run "
-              f"scripts/table4.sh, or drop --table4", file=sys.stderr)
-        return 2
+        return refuse(f"--table4: none of the {len(runs)} runs has label noise 0.2, 0.4, 0.6 or 0.8; run "
+                      f"scripts/table4.sh, or drop --table4")
     print(table4(runs) if args.table4 else table(runs))
     return 0
 

@@ -312,3 +312,64 @@ def test_records_with_values_of_any_type_are_skipped_or_refused_never_a_crash(bo
     assert code in (0, 2) and "Traceback" not in err.getvalue()
     if key == "settings.lr" and not (type(other) in (int, float)) and other is not None:
         assert code == 2 and "skipped" in err.getvalue()  # an lr of {other!r}: not a run's record
+
+
+@BOUNDED
+@given(st.sampled_from(["half", "done"]), st.lists(st.sampled_from(["a", "b", "."]), max_size=3),
+       st.sampled_from(["train", "sharpness"]))
+def test_outputs_inside_another_runs_folder_are_refused(box, tmp_path_factory, run, below, tool):
+    """A new run's --out-dir, or sharpness.py's --out for another run, in (or below) a run folder: its
+    records would mix with that run's, so it is refused before anything is written."""
+    import sharpness
+    target = box / "runs" / run / Path(*below) if below else box / "runs" / run
+    if tool == "train":
+        code = contract(box, train.main, [*fill(TRAIN, box), "--out-dir", str(target), "--name", "new"])
+    else:
+        other = "done" if run == "half" else "half"
+        code = contract(box, sharpness.main, [str(box / "runs" / other), "--hessian", "1", "--batches", "1",
+                                              "--batch-size", "8", "--device", "cpu", "--out", str(target)])
+    assert code == 2
+
+
+def test_a_projects_own_config_yaml_does_not_make_a_run_folder(tmp_path):
+    """A folder of the user's own, with its own config.yaml (not one train.py wrote), is no run folder."""
+    from engine.checkpoint import enclosing_run
+    (tmp_path / "config.yaml").write_text("model: resnet18\nlr: 0.1\n")
+    assert enclosing_run(tmp_path / "runs") is None
+    (tmp_path / "config.yaml").write_text("model: resnet18\nmeta: {git_commit: abc}\n")
+    assert enclosing_run(tmp_path / "runs") == tmp_path.resolve()
+
+
+CONTROL = st.lists(st.sampled_from(["\n", "\r", "\t", "\x1b[2J", "\x07", "\x08", "\x85", "\u2028", "a", "/", " "]),
+                   min_size=1, max_size=6).map("".join).filter(lambda t: not t.isprintable())
+
+
+@BOUNDED
+@given(st.sampled_from(["train --data-dir", "train --config", "train --resume", "evaluate", "sharpness", "plot",
+                        "summarize", "sweep"]), CONTROL)
+def test_control_characters_from_the_input_never_break_the_error_line(box, tmp_path_factory, where, text):
+    """A path holding newlines, carriage returns or terminal escapes: still exactly one `error:` line on
+    stderr, with the characters written as escapes, not obeyed."""
+    import plot
+    import sharpness
+    import summarize
+    from engine import sweep
+    bad = str(tmp_path_factory.mktemp("ctl") / f"x{text}y")
+    tool, *option = where.split()
+    mains = {"train": train.main, "evaluate": evaluate.main, "sharpness": sharpness.main, "plot": plot.main,
+             "summarize": summarize.main, "sweep": sweep.main}
+    argv = {"train": [*fill(TRAIN, box), *option, bad], "evaluate": [bad, "--device", "cpu"],
+            "sharpness": [bad, "--hessian", "1", "--device", "cpu"], "plot": [bad], "summarize": [bad],
+            "sweep": ["--group", "g", "--out-dir", bad, "--dry-run", "--", "--data-dir", bad]}[tool]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
+            pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sys.stdin", io.StringIO("--seed 1\n"))  # the sweep reads its run lines from stdin
+        try:
+            code = mains[tool](argv)
+        except SystemExit as e:
+            code = e.code
+    text_out = err.getvalue()
+    assert code == 2, text_out
+    assert text_out.startswith("error: ") and text_out.endswith("\n") and text_out.count("\n") == 1, repr(text_out)
+    assert all(c.isprintable() for c in text_out[:-1]), repr(text_out)

@@ -229,7 +229,7 @@ def test_lanczos_steps_reach_the_lanczos_routine(tiny_runs, tmp_path, monkeypatc
     (["RUN", "--hessian", "1", "--lanczos-steps", "0"], "--lanczos-steps must be an integer in [1, 10000]"),
     (["RUN", "--hessian", "1", "--lanczos-steps", "-5"], "--lanczos-steps must be"),
     (["RUN", "--hessian", "1", "--lanczos-steps", "10001"], "--lanczos-steps must be"),
-    (["RUN", "--density", "--lanczos-steps", "5"], "add --hessian K"),
+    (["RUN", "--density", "--lanczos-steps", "5"], "is a setting of --hessian K"),
     (["RUN", "--hessian", "2", "--lanczos-steps", "2.5"], "invalid int value"),
     (["RUN", "--hessian", "2", "--lanczos-steps", "many"], "invalid int value"),
 ])
@@ -377,3 +377,27 @@ def test_ctrl_c_during_a_measurement_is_one_line_and_exit_130(monkeypatch, capsy
     assert entry(measuring, []) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["interrupted by Ctrl-C: stopped at once; nothing more was written"]
+
+
+# -- a setting of a measurement this command does not take does nothing: refused ---------------------------
+from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+
+MODES = {"--hessian K": ["--hessian", "2"], "--density": ["--density"], "--m-sharpness M": ["--m-sharpness", "16"],
+         "--landscape": ["--landscape", "1d"]}
+OWNED = {"--lanczos-steps": ("--hessian K", "6"), "--density-runs": ("--density", "3"),
+         "--density-steps": ("--density", "8"), "--rho": ("--m-sharpness M", "0.1"), "--points": ("--landscape", "5"),
+         "--span": ("--landscape", "0.5")}
+
+
+@hsettings(max_examples=40, deadline=None)
+@given(st.sampled_from(sorted(OWNED)), st.lists(st.sampled_from(sorted(MODES)), min_size=1, max_size=3, unique=True))
+def test_a_setting_of_a_measurement_not_asked_for_is_refused(option, modes):
+    """Any option that belongs to one measurement, given with any other measurements: refused in one line
+    naming the measurement it belongs to; given with its own, accepted."""
+    mode, value = OWNED[option]
+    argv = ["RUN", *[a for m in modes for a in MODES[m]], option, value]
+    if mode in modes:
+        sharpness.parse(argv)
+    else:
+        with pytest.raises(sharpness.InputError, match=f"{option} is a setting of {mode}, which this command"):
+            sharpness.parse(argv)
