@@ -32,6 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 # train.py flags the sweep sets itself: a script's user cannot give them after --
 OWN = {"name": "the sweep names each run after its settings", "out_dir": "give the sweep's own --out-dir",
        "resume": "the sweep resumes interrupted runs itself", "check": "the sweep checks every run itself"}
+# The variables the sweep scripts read (each script passes --reads with its own): one set for another
+# script's variable would do nothing, so it is refused (tests/test_scripts.py keeps this list true)
+VARIABLES = ("SEEDS", "SEED", "AUGMENT", "EPOCHS", "DOUBLE_SGD", "LATE_SAM", "MS", "RHOS", "VAL_SPLIT", "LEVELS", "ALPHAS")
 
 
 @dataclass
@@ -67,6 +70,8 @@ def parse(argv):
     p.add_argument("--dry-run", action="store_true", help="check every run, print its command, start nothing")
     p.add_argument("--relabelled", action="store_true",
                    help="print each run line again, learning its labels from that run (--relabel-from)")
+    p.add_argument("--reads", metavar="'VAR ...'", help="the variables the calling script reads (each script gives "
+                                                         "its own); any other sweep variable set is refused")
     p.add_argument("--launcher", choices=("local", "slurm", "slurm-local"), default="local")
     p.add_argument("--gpus", help="this machine's GPUs, one run on each at a time (default: $CUDA_VISIBLE_DEVICES, "
                                   "else the CPU, one run at a time)")
@@ -80,6 +85,11 @@ def parse(argv):
     slurm.add_argument("--slurm-arg", action="append", metavar="KEY=VALUE", help="any other sbatch option")
     own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     options = p.parse_args(own)
+    if options.reads is not None:
+        unread = [v for v in VARIABLES if v in os.environ and v not in options.reads.split()]
+        if unread:
+            p.error(f"${unread[0]} is set, but this script does not read it (it reads {options.reads}), so it would "
+                    f"do nothing; unset it, or use the script that reads it")
     slurm_given = [a.option_strings[0] for a in slurm._group_actions if getattr(options, a.dest) is not None]
     if options.launcher == "local":
         if slurm_given:

@@ -12,4 +12,4 @@ run() { printf '%q ' "$@"; echo; }  # one train.py command line
 
 for seed in ${SEEDS-0 1 2 3 4}; do
     run --config "$config" --seed "$seed"
-done | python -m engine.sweep --group "seeds-$(basename "$config" .yaml)" "$@"
+done | python -m engine.sweep --reads SEEDS --group "seeds-$(basename "$config" .yaml)" "$@"

@@ -22,4 +22,4 @@ for seed in ${SEEDS-0 1 2 3 4}; do
     run "${common[@]}" --optimizer sam --epochs "$epochs"
     [ "${DOUBLE_SGD-yes}" = no ] || run "${common[@]}" --optimizer sgd --epochs $((2 * epochs))
     [ -z "${LATE_SAM-}" ] || run "${common[@]}" --optimizer sam --epochs "$epochs" --sam-start-epoch "$LATE_SAM"
-done | python -m engine.sweep --group "table1-${name%_sam}-${AUGMENT:-config}" "$@"
+done | python -m engine.sweep --reads "SEEDS AUGMENT EPOCHS DOUBLE_SGD LATE_SAM" --group "table1-${name%_sam}-${AUGMENT:-config}" "$@"

@@ -14,4 +14,4 @@ for m in ${MS-16 32 64 128 256}; do
     for rho in ${RHOS-0.01 0.02 0.05 0.1 0.2 0.5}; do
         run --config "$config" --optimizer sam --m-sharpness "$m" --rho "$rho" --seed "${SEED-0}"
     done
-done | python -m engine.sweep --group "m-$(basename "$config" .yaml)" "$@"
+done | python -m engine.sweep --reads "MS RHOS SEED" --group "m-$(basename "$config" .yaml)" "$@"

@@ -9,7 +9,7 @@
 set -euo pipefail -o noglob
 cd "$(dirname "$0")/.."
 run() { printf '%q ' "$@"; echo; }  # one train.py command line
-sweep() { python -m engine.sweep "$@"; }
+sweep() { python -m engine.sweep --reads "SEEDS LEVELS ALPHAS" "$@"; }
 
 bootstrapped() {  # the stage-1 runs that stage 2 learns labels from
     for level in ${LEVELS-0.2 0.4 0.6 0.8}; do

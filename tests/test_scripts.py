@@ -371,3 +371,36 @@ def test_finished_runs_anywhere_in_the_queue_are_skipped_and_the_rest_run(tmp_pa
         (runs[i].dir / "results.json").write_text("{}")
     assert sweep.run_local(runs, ["cpu"]) == 0
     assert all(run.finished() for run in runs)
+
+
+SCRIPTS = ["seeds.sh", "sgd_vs_sam.sh", "sweep_m.sh", "sweep_rho.sh", "table4.sh"]
+
+
+def reads(name):
+    """The variables a script's own text reads (${NAME...}): the independent reference for --reads."""
+    import re
+    return set(re.findall(r"\$\{([A-Z_]+)[-:}]", (REPO / "scripts" / name).read_text())) - {"PATH"}
+
+
+def test_the_sweeps_list_of_variables_is_what_the_scripts_read_and_each_declares_its_own():
+    assert set(sweep.VARIABLES) == set().union(*map(reads, SCRIPTS))
+    for name in SCRIPTS:
+        import re
+        declared = re.search(r'--reads "?([A-Z_ ]+)"?', (REPO / "scripts" / name).read_text()).group(1).split()
+        assert set(declared) == reads(name), name
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.sampled_from([(name, var) for name in SCRIPTS for var in sweep.VARIABLES if var not in reads(name)]),
+       st.sampled_from(["0", "cutout", "", "1 2"]))
+def test_another_scripts_variable_is_refused_as_doing_nothing(tmp_path_factory, case, text):
+    """AUGMENT set for seeds.sh (which has no augmentation list), RHOS for sgd_vs_sam.sh, ...: one line
+    naming the variable, exit 2, nothing created."""
+    name, var = case
+    out = tmp_path_factory.mktemp("unread") / "runs"
+    args = [] if name == "table4.sh" else ["configs/resnet18_sam.yaml"]
+    result = script(name, *args, "--out-dir", str(out), "--dry-run", env_extra={var: text})
+    assert result.returncode == 2 and result.stdout == "", (result.stdout, result.stderr)
+    assert result.stderr.startswith(f"error: ${var} is set, but this script does not read it") and \
+        result.stderr.count("\n") == 1, result.stderr
+    assert not out.exists()
