@@ -392,6 +392,11 @@ def validate(config, flags=frozenset()):
     for key, spec in SETTINGS.items():
         if spec.bounds and config[key] is not None and not _within(config[key], spec.bounds):
             raise ConfigError(f"{key} must be in {spec.bounds}, got {config[key]}")
+    for key, spec in SETTINGS.items():  # a text setting given as nothing (--out-dir '', wandb_tags: ' ') does nothing
+        if spec.type is str and isinstance(config[key], str) and not config[key].strip():
+            raise ConfigError(f"{flag(key)} is empty; give a value, or leave it out for the default")
+    if config["wandb_tags"] is not None and not all(0 < len(t.strip()) <= 64 for t in config["wandb_tags"].split(",")):
+        raise ConfigError(f"--wandb-tags takes comma-separated tags of 1-64 characters each, got {config['wandb_tags']!r}")
     if config["name"] is not None:
         check_name(config["name"])
     if config["optimizer"] == "sgd":
@@ -443,6 +448,23 @@ def validate(config, flags=frozenset()):
         model_spec(config["model"], **model_options(config))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def unused(config):
+    """The settings this run does not use (validate refuses any of them given): the records (config.yaml,
+    results.json, W&B) state them as null, never as a value the run did not train with."""
+    kind, augment = loader_kind(config), config["augment"]
+    return {key for key, idle in (
+        ("eta", not config["adaptive"]), ("workers", kind != "workers"), ("padding_mode", augment == "none"),
+        ("autoaugment_policy", not augment.startswith("autoaugment")),
+        ("cutout_placement", not augment.endswith("cutout")), ("label_noise_rule", not config["label_noise"]),
+        ("m_sharpness_impl", not config["m_sharpness"])) if idle}
+
+
+def recorded(config):
+    """The settings as a record states them: those the run does not use are null."""
+    idle = unused(config)
+    return {k: None if k in idle else v for k, v in config.items()}
 
 
 def check_name(name):

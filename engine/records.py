@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from engine.checkpoint import atomic_write
-from engine.config import EXPERIMENT, loader_kind
+from engine.config import EXPERIMENT, loader_kind, recorded
 from engine.tracker import Tracker, wandb_mode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def run_metadata(run, data, wandb_id, relabelled=None):
 
 def results(run):
     """results.json: the final and best accuracies, the run's length and cost, and its settings."""
-    last, best, config = run.last_metrics, run.best, run.config
+    last, best, config = run.last_metrics, run.best, recorded(run.config)
     out = {"final_test_acc": last.get("test/acc"),
            "final_test_error": 1 - last["test/acc"] if "test/acc" in last else None,
            "best_test_acc": best.get("best_test_acc"),
@@ -51,7 +51,7 @@ def results(run):
            "passes_per_step": (run.step + run.sam_steps) / run.step,
            **{k: config[k] for k in ("model", "dataset", "augment", "optimizer", "rho", "seed")},
            "settings": {**{k: config[k] for k in EXPERIMENT}, "precision": run.runtime.precision,
-                        "loader": loader_kind(config)},  # auto resolved: what the run used
+                        "loader": loader_kind(run.config)},  # auto resolved: what the run used
            "git_commit": run.meta["git_commit"], "dataset_md5": run.meta["dataset_md5"],
            "dataset_official": run.meta["dataset_official"]}
     if "val/acc" in last:
@@ -60,7 +60,7 @@ def results(run):
 
 
 def start_tracking(run):
-    config, meta = run.config, run.meta
+    config, meta = recorded(run.config), run.meta
     resumed = run.step > 0 or (run.dir / "config.yaml").is_file()  # an earlier attempt logged to this run
     if resumed:
         from engine.stopping import position

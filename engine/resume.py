@@ -28,7 +28,8 @@ def read_run_config(run_dir):
     if not isinstance(saved, dict):
         return None
     meta = saved.pop("meta", {})
-    return {"config": saved, "meta": meta if isinstance(meta, dict) else {}}
+    saved = {k: v for k, v in saved.items() if not (v is None and k in SETTINGS and SETTINGS[k].default is not None)}
+    return {"config": saved, "meta": meta if isinstance(meta, dict) else {}}  # null: a setting the run did not use
 
 
 def experiment_changes(saved, config):

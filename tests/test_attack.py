@@ -168,7 +168,7 @@ T = [  # train.py: (arguments, words of the error line)
     (["--name", "../escape"], "--name must be one folder name"),
     (["--name", "/abs/path"], "--name must be one folder name"),
     (["--name", "a/b"], "--name must be one folder name"),
-    (["--name", ""], "--name must be one folder name"),
+    (["--name", ""], "--name is empty; give a value"),
     (["--name", "."], "--name must be one folder name"),
     (["--name", ".."], "--name must be one folder name"),
     (["--name", "x" * 300], "--name is 300 bytes long"),

@@ -373,3 +373,28 @@ def test_control_characters_from_the_input_never_break_the_error_line(box, tmp_p
     assert code == 2, text_out
     assert text_out.startswith("error: ") and text_out.endswith("\n") and text_out.count("\n") == 1, repr(text_out)
     assert all(c.isprintable() for c in text_out[:-1]), repr(text_out)
+
+
+GIVEN = {"eta": "0.02", "workers": "2", "padding_mode": "constant", "autoaugment_policy": "torchvision",
+         "cutout_placement": "image", "label_noise_rule": "other", "m_sharpness_impl": "loop"}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["none", "basic", "cutout", "autoaugment", "autoaugment_cutout"]), st.booleans(),
+       st.sampled_from(["auto", "device", "workers"]), st.sampled_from(["0", "0.2"]), st.sampled_from(["0", "32"]),
+       st.sampled_from(sorted(GIVEN)))
+def test_a_setting_is_recorded_as_null_exactly_when_giving_it_is_refused(augment, adaptive, loader, noise, m, key):
+    """Any combination: a setting the run does not use is refused when given and stated as null in the
+    records (engine.config.recorded); one the run uses is accepted and recorded as given."""
+    from engine.config import ConfigError, parse_config, recorded, unused
+    base = ["--augment", augment, "--loader", loader, "--label-noise", noise, "--m-sharpness", m,
+            "--batch-size", "64", *(["--adaptive"] if adaptive else [])]
+    with_key = {**parse_config(base).config, key: type(parse_config(base).config[key])(GIVEN[key])}
+    try:
+        config = parse_config([*base, f"--{key.replace('_', '-')}", GIVEN[key]]).config
+    except ConfigError as e:
+        assert key in unused(with_key), f"{key} refused though the run would use it: {e}"
+        return
+    assert key not in unused(config), f"{key} accepted though the run does not use it"
+    assert recorded(config)[key] == config[key]
+    assert all(recorded(config)[k] is None for k in unused(config))

@@ -227,21 +227,22 @@ def test_queue_checks_every_run_first_reports_failures_skips_finished_and_resume
     assert first.returncode == 2 and first.stdout == ""
     assert first.stderr.startswith(f"error: {seed1}: --resume: ") and "not a readable train.py checkpoint" in first.stderr
     assert [p.name for p in out.iterdir()] == [seed1] and [p.name for p in (out / seed1).iterdir()] == ["last.pt"]
-    # a failure only a run can meet: its metrics file cannot be written (a folder in its place)
+    # a failure only a run can meet: at its end, results.json cannot be written (a folder where its
+    # temporary file goes)
     (out / seed1 / "last.pt").unlink()
-    (out / seed1 / "metrics.jsonl").mkdir()
+    (out / seed1 / "results.json.tmp").mkdir()
     second = script("seeds.sh", *args, env_extra={"SEEDS": "0 1"})
     assert second.returncode == 1
     assert "finished: 1 run(s), skipped (already finished): 0, failed: 1" in second.stdout
     assert f"failed: {seed1}" in second.stdout and (out / seed0 / "results.json").is_file()
-    (out / seed1 / "metrics.jsonl").rmdir()
+    (out / seed1 / "results.json.tmp").rmdir()
     third = script("seeds.sh", *args, env_extra={"SEEDS": "0 1"})
     assert third.returncode == 0, third.stdout + third.stderr
     assert f"skip {seed0} (finished)" in third.stdout
     assert "finished: 1 run(s), skipped (already finished): 1, failed: 0" in third.stdout
     assert (out / seed1 / "results.json").is_file()
     log = (out / seed1 / "stdout.log").read_text()  # the retry kept the failed attempt's log
-    assert log.count("=== ") == 2 and "metrics.jsonl" in log
+    assert log.count("=== ") == 2 and "results.json" in log
     # a plain train.py command of the same experiment finds the sweep's folder, finished
     plain = subprocess.run([sys.executable, "train.py", "--seed", "0", *TINY, "--config", "configs/resnet18_sam.yaml",
                             "--out-dir", str(out), "--data-dir", str(data), "--resume"], cwd=REPO, capture_output=True,

@@ -141,7 +141,8 @@ def test_a_requeued_preempted_or_timed_out_run_resumes_to_the_weights_of_an_unin
     data, out, ref = write_cifar10(tmp_path / "data", per_batch=40), tmp_path / "runs", tmp_path / "ref"
     # the warning is due 30 s into the run and SLURM sends it up to a minute late: that run lasts longer
     epochs = 200 if interruption == "time limit" else 6
-    assert run_cli(["--config", CONFIG, "--seed", "0", *flags(data, epochs), "--out-dir", str(ref)]).returncode == 0
+    assert run_cli(["--config", CONFIG, "--seed", "0", *flags(data, epochs), "--out-dir", str(ref)],
+                   timeout=1800).returncode == 0
     # the run takes the whole node, so a job of the higher-priority partition must preempt it
     assert sweep(out, "0", data, epochs, "--cpus-per-run", str(CLUSTER[2])).returncode == 0
     folder = run_dir(out, 0, data, epochs)
@@ -157,7 +158,7 @@ def test_a_requeued_preempted_or_timed_out_run_resumes_to_the_weights_of_an_unin
     start_when_pending(job_id)
     if interruption == "time limit":
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=30"], check=True)
-    wait_until(lambda: (folder / "results.json").is_file() or not queued(job_id), 600, "the resumed run done")
+    wait_until(lambda: (folder / "results.json").is_file() or not queued(job_id), 1800, "the resumed run done")
     wait_until(lambda: not queued(job_id), 60, "the job gone from the queue")
     state, text = job(job_id), logs(folder)
     assert (folder / "results.json").is_file(), text

@@ -28,10 +28,11 @@ def tiny_data(tmp_path):
     return write_cifar10(tmp_path / "data", per_batch=40)  # 200 training images: 6 steps of 32
 
 
-def run_cli(args, env_extra=None):
+def run_cli(args, env_extra=None, timeout=300):
+    """train.py as a user runs it; `timeout` only guards against a hang (a loaded machine is slow)."""
     env = {**without_wandb_service(os.environ), "WANDB_SILENT": "true", **(env_extra or {})}
     return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=timeout)
 
 
 def start_cli(args, **kwargs):
@@ -104,9 +105,15 @@ def test_two_epochs_end_to_end_with_offline_wandb(tiny_data, tmp_path):
     assert saved["model"] == "wrn10_1" and saved["meta"]["parameters"] > 0
     assert saved["meta"]["dataset_official"] is False
     assert results["git_commit"] == saved["meta"]["git_commit"]  # the code the run started on, read once
+    # what this run did not use (basic augmentation, plain SAM, the device loader, clean labels) is null in
+    # every record, never a value it did not train with
+    idle = ("cutout_placement", "autoaugment_policy", "eta", "workers", "label_noise_rule")
+    assert all(saved[k] is None and results["settings"].get(k, None) is None for k in idle), saved
+    assert saved["augment"] == "basic" and saved["padding_mode"] == "reflect"  # what it did use, as it used it
 
     history, config = history_and_config(run_files_in_start_order(run)[0])
     assert json.loads(config["rho"]) == 0.05 and json.loads(config["model"]) == "wrn10_1"
+    assert all(json.loads(config[k]) is None for k in idle)
     assert "git_commit" in json.loads(config["meta"]) and "dataset_md5" in json.loads(config["meta"])
     logged = [h for h in history if "test/acc" in h]
     assert [json.loads(h["test/acc"]) for h in logged] == [r["test/acc"] for r in epochs]
