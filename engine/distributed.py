@@ -3,9 +3,14 @@
 import hashlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from engine.config import ConfigError
+
+JOIN_S = 600  # how long the processes of a world wait for each other, and any collective (NCCL's default)
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,12 @@ def init_distributed(device_type):
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    try:  # a process started by hand with WORLD_SIZE > 1 and no peers: an error after JOIN_S, not a 30-minute hang
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(seconds=JOIN_S))
+    except (RuntimeError, dist.DistError) as e:
+        first = (str(e).strip().splitlines() or ["-"])[0][:160]
+        raise ConfigError(f"the {world_size} processes of $WORLD_SIZE did not all meet at $MASTER_ADDR:$MASTER_PORT "
+                          f"within {JOIN_S} s ({type(e).__name__}: {first}); start them together, with torchrun") from None
     control = dist.new_group(backend="gloo") if device_type == "cuda" else dist.group.WORLD
     return Dist(rank, local_rank, world_size, control)
 

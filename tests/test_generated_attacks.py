@@ -398,3 +398,17 @@ def test_a_setting_is_recorded_as_null_exactly_when_giving_it_is_refused(augment
     assert key not in unused(config), f"{key} accepted though the run does not use it"
     assert recorded(config)[key] == config[key]
     assert all(recorded(config)[k] is None for k in unused(config))
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_process_whose_peers_never_come_is_one_error_line_not_a_hang(box, monkeypatch, rank):
+    """WORLD_SIZE=2 set by hand, one process started: it waits for its peer a bounded time (600 s; 3 s
+    here), then says so in one line, exit 2, nothing written. Rank 0 waits for clients; rank 1 for a server."""
+    import socket
+    from engine import distributed
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(distributed, "JOIN_S", 3)
+    env = {"WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    assert contract(box, train.main, [*fill(TRAIN, box), "--name", "alone"], env) == 2
