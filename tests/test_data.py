@@ -450,3 +450,21 @@ def test_data_workers_ignore_stop_signals(synthetic_cifar):
     time.sleep(0.5)
     assert worker.is_alive()
     assert len(list(batches)) == len(train) - 1
+
+
+def test_subset_and_val_split_at_their_edges(synthetic_cifar):
+    """--subset may take every training image, not one more; --val-split may keep one training image and
+    hold out one, and is refused where it holds out none or keeps none."""
+    data = load_cifar("cifar10", synthetic_cifar)
+    n = len(data.train_labels)
+    assert len(make_splits(data, subset=n).train_labels) == n
+    with pytest.raises(ValueError, match=f"more than the {n} training images"):
+        make_splits(data, subset=n + 1)
+    one_kept = make_splits(data, val_split=(n - 1) / n)
+    assert len(one_kept.train_labels) == 1 and len(one_kept.eval_sets["val"][1]) == n - 1
+    one_held = make_splits(data, val_split=1 / n)
+    assert len(one_held.train_labels) == n - 1 and len(one_held.eval_sets["val"][1]) == 1
+    with pytest.raises(ValueError, match="leaves no validation image"):
+        make_splits(data, val_split=0.4 / n)
+    with pytest.raises(ValueError, match="leaves no training image"):
+        make_splits(data, val_split=(n - 0.4) / n)

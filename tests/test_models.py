@@ -177,3 +177,12 @@ def test_model_spec_refuses_invalid_wide_resnets_without_building(name):
     from models import model_spec
     with pytest.raises(ValueError, match="6n\\+4|width must be >= 1"):
         model_spec(name)
+
+
+@pytest.mark.parametrize("cls", ["WideResNet", "SamWideResNet"])
+@pytest.mark.parametrize("depth, width, norm", [(27, 10, "batch"), (16, 0, "batch"), (16, 2, "layer")])
+def test_a_wide_resnet_built_directly_refuses_what_it_cannot_be(cls, depth, width, norm):
+    """A forked script that builds the class itself (not through model_spec) gets the same refusal."""
+    import models.wide_resnet as wrn
+    with pytest.raises(ValueError, match="6n\\+4|width must be >= 1|norm must be one of"):
+        getattr(wrn, cls)(depth=depth, width=width, norm=norm)

@@ -247,6 +247,121 @@ def test_each_residual_block_is_its_shortcut_plus_its_branch():
 
 # ---- what build_training builds: the settings, all of them --------------------------------------
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no step is taken here
+@pytest.mark.parametrize("flags", [["--optimizer", "sam"], ["--optimizer", "sgd", "--no-nesterov"],
+                                   ["--adaptive", "--eta", "0.02", "--sam-p", "3", "--weight-decay-in", "optimizer"]])
+def test_the_step_train_py_builds_carries_every_setting(flags):
+    config = parse_config(["--model", "wrn10_1", "--batch-size", "32", "--m-sharpness", "16", "--lr", "0.3",
+                           "--momentum", "0.8", "--weight-decay", "0.002", "--label-smoothing", "0.2",
+                           "--grad-clip", "2.5", "--device", "cpu", *flags]).config
+    if config["optimizer"] == "sam":
+        config["rho"] = 0.3  # not SAM's own default, so a setting that went missing shows
+    t = build_training(config, 10, resolve_runtime(config), total_steps=40)
+    sam = config["optimizer"] == "sam"
+    decay_in_optimizer = 0.002 if config["weight_decay_in"] == "optimizer" else 0.0
+    for group in t.optimizer.param_groups:
+        assert (group["lr"], group["initial_lr"], group["momentum"]) == (0.3, 0.3, 0.8)
+        assert group["nesterov"] == config["nesterov"] and group["weight_decay"] == decay_in_optimizer
+        if sam:
+            assert group["rho"] == config["rho"] and group["eta"] == config["eta"]
+    if sam:
+        assert t.optimizer.p == config["sam_p"] and t.optimizer.second_order is False
+        assert {g["adaptive"] for g in t.optimizer.param_groups} == ({True, False} if config["adaptive"] else {False})
+    assert t.step.sam == sam and t.step.weight_decay == 0.002 - decay_in_optimizer and t.step.grad_clip == 2.5
+    assert t.step.criterion.label_smoothing == 0.2 and t.step.scaler is None and t.scaler is None
+    assert t.step.groups[0] == 2 and t.step.groups[1].weight_decay == t.step.weight_decay  # m 16 of 32: two groups
+    assert t.model.fc.out_features == 10 and t.step.mark() is None  # no CUDA graphs on the CPU
+    assert build_training(config, 100, resolve_runtime(config), 40).model.fc.out_features == 100
+    for step in range(1, 41):  # the per-step cosine: lr = 0.3 (1 + cos(pi step / 40)) / 2, 0 at the end
+        t.schedule.step()
+        assert t.optimizer.param_groups[0]["lr"] == pytest.approx(0.15 * (1 + np.cos(np.pi * step / 40)), abs=1e-12)
+    assert build_training({**config, "m_sharpness": 0}, 10, resolve_runtime(config), 40).step.groups is None
+    assert build_training({**config, "m_sharpness": 32}, 10, resolve_runtime(config), 40).step.groups is None
+    if config["optimizer"] == "sam" and not config["adaptive"]:
+        second = build_training({**config, "sam_second_order": True, "m_sharpness": 0}, 10, resolve_runtime(config), 4)
+        assert second.optimizer.second_order and second.step.second_order
+
+
+def test_devices_precisions_and_memory_formats_resolve_as_documented(monkeypatch):
+    from engine.config import ConfigError
+    from engine.step import resolve_device
+    cpu = parse_config(["--model", "wrn10_1"]).config
+    assert resolve_device("auto", 3) == torch.device("cpu") or torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto", 1) == torch.device("cuda", 1) and resolve_device("auto") == torch.device("cuda", 0)
+    assert resolve_device("cuda", 1) == torch.device("cuda", 1) and resolve_device("cuda:1", 0) == torch.device("cuda", 1)
+    assert resolve_device("cpu", 1) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="only 2 CUDA device"):
+        resolve_device("cuda:2")
+    gpu = resolve_runtime({**cpu, "device": "auto"}, 1)
+    assert (gpu.device, gpu.precision, gpu.channels_last) == (torch.device("cuda", 1), "bf16", True)
+    explicit = resolve_runtime({**cpu, "device": "cuda", "channels_last": False, "precision": "fp32"})
+    assert explicit.channels_last is False and explicit.device == torch.device("cuda", 0)
+    plain = resolve_runtime({**cpu, "device": "cpu"})
+    assert (plain.precision, plain.channels_last) == ("fp32", False)
+    assert resolve_runtime({**cpu, "device": "cpu", "channels_last": True, "precision": "bf16"}).channels_last is True
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        resolve_runtime({**cpu, "device": "cpu", "precision": "fp16"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA device is available"):
+        resolve_device("cuda")
+    assert resolve_device("auto", 3) == torch.device("cpu")
+
+
+def test_speed_settings_reach_what_they_set(monkeypatch, tmp_path):
+    """Each fast setting changes what it should (and only on the device it is for): autocast's type,
+    the model's memory format, the compile mode, fused SGD, the DDP wrapper's buffer handling."""
+    from engine.step import Runtime
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        assert Runtime(torch.device("cpu"), precision, False).autocast().fast_dtype == dtype
+    config = parse_config(["--model", "wrn10_1", "--batch-size", "32", "--m-sharpness", "0", "--device", "cpu"]).config
+    fast = build_training(config, 10, Runtime(torch.device("cpu"), "fp32", True), total_steps=10)
+    assert fast.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not build_training(config, 10, resolve_runtime(config), 10).model.conv1.weight.is_contiguous(
+        memory_format=torch.channels_last)
+    assert not fast.optimizer.defaults.get("fused")  # fused SGD is CUDA's (test_cuda.py checks it there)
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: modes.append(kwargs.get("mode")) or module)
+    for mode, want in (("default", None), ("reduce-overhead", "reduce-overhead"), ("max-autotune", "max-autotune")):
+        compiled = build_training({**config, "compile": mode}, 10, resolve_runtime(config), 10)
+        assert modes.pop() == want
+        assert compiled.step.mark is not torch.compiler.cudagraph_mark_step_begin  # CUDA graphs are CUDA's
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ddp = build_training(config, 10, resolve_runtime(config), 10, distributed=True).step.net
+        assert isinstance(ddp, nn.parallel.DistributedDataParallel) and ddp.broadcast_buffers is False
+        assert ddp.device_ids is None  # on the CPU; each replica keeps its own BatchNorm statistics
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_step_of_a_sam_run_may_be_an_sgd_step_and_an_sgd_run_never_takes_a_sam_step():
+    """TrainStep(sam=True) called with sam=False is exactly an SGD step of the same base optimizer (late-
+    phase and randomized SAM), and the schedule does not take it for a missed optimizer step; called
+    with sam=True, an SGD run's step stays an SGD step."""
+    import warnings
+    from engine.step import CosineSchedule
+    model, (x, y) = bn_model(), batch()
+    reference = copy.deepcopy(model)
+    step_of(reference, sam=False)(x, y)
+    want = {k: v.detach() for k, v in reference.named_parameters()}
+    sam_run = copy.deepcopy(model)
+    step = step_of(sam_run)
+    schedule = CosineSchedule(step.optimizer, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss, correct, norm = step(x, y, sam=False)
+        schedule.step()
+    assert norm is None
+    for k, v in sam_run.named_parameters():
+        torch.testing.assert_close(v.detach(), want[k], rtol=0, atol=0)
+    sgd_run = copy.deepcopy(model)
+    assert step_of(sgd_run, sam=False)(x, y, sam=True)[2] is None
+    for k, v in sgd_run.named_parameters():
+        torch.testing.assert_close(v.detach(), want[k], rtol=0, atol=0)
+
+
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
 def test_a_schedule_that_seeks_a_step_has_the_learning_rate_of_one_stepped_there():
     """What a resumed run does (engine/resume.py restore): bitwise the lr of the uninterrupted schedule,

@@ -527,3 +527,14 @@ def test_sam_refuses_every_number_it_cannot_train_with(key, value):
     nn.functional.cross_entropy(model(x), y).backward()
     optimizer.second_step(zero_grad=True)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_sam_takes_a_one_element_tensor_and_refuses_bools_strings_and_longer_tensors():
+    """torch's SGD takes a tensor lr; SAM checks its value. True is no learning rate, nor is '0.1'."""
+    model = nn.Linear(3, 2)
+    optimizer = SAM(model.parameters(), torch.optim.SGD, lr=torch.tensor(0.1), rho=torch.tensor(0.05))
+    assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(0.1)
+    for key in ("rho", "lr", "momentum", "weight_decay"):
+        for bad in (True, "0.1", torch.tensor([0.1, 0.2]), torch.tensor(float("nan"))):
+            with pytest.raises(ValueError, match=f"{key} must be a finite number"):
+                SAM(model.parameters(), torch.optim.SGD, **{"lr": 0.1, "rho": 0.05, key: bad})
