@@ -126,8 +126,11 @@ def _read_batch(path, label_key, num_classes):
         with open(path, "rb") as f:
             entry = _ArraysOnly(f, encoding="latin1").load()
         data, raw = np.asarray(entry["data"]), np.asarray(entry[label_key])
-        if raw.dtype.kind not in "iu":  # strings, floats, bools: not read as some other label, refused
-            raise TypeError(f"its {label_key} are {raw.dtype} values, not integers")
+        odd = next((v for v in entry[label_key] if isinstance(v, (bool, np.bool_))
+                    or not isinstance(v, (int, np.integer))), None) if isinstance(entry[label_key], list) else None
+        if raw.dtype.kind not in "iu" or odd is not None:  # strings, floats, bools (even among ints), refused
+            raise TypeError(f"its {label_key} hold {odd!r}, not an integer" if odd is not None else
+                            f"its {label_key} are {raw.dtype} values, not integers")
         labels = raw.astype(np.int64)
     except Exception as e:  # truncated, corrupt, hostile, or not a CIFAR batch at all
         raise DataError(f"cannot read data file {path} ({type(e).__name__}: {e}); {fix}") from None

@@ -458,7 +458,8 @@ def unused(config):
         ("eta", not config["adaptive"]), ("workers", kind != "workers"), ("padding_mode", augment == "none"),
         ("autoaugment_policy", not augment.startswith("autoaugment")),
         ("cutout_placement", not augment.endswith("cutout")), ("label_noise_rule", not config["label_noise"]),
-        ("m_sharpness_impl", not config["m_sharpness"])) if idle}
+        ("m_sharpness_impl", not config["m_sharpness"]),
+        *((key, config["optimizer"] == "sgd") for key in SAM_ONLY if key != "rho")) if idle}  # SGD: rho 0
 
 
 def recorded(config):

@@ -186,11 +186,13 @@ def describe(frozen):
 
 
 def protocol_differences(settings):
-    """The settings of a row that differ from the paper's protocol (the defaults), beyond its columns."""
+    """The settings of a row that differ from the paper's protocol (the defaults), beyond its columns. A
+    null is a setting the run does not use (engine.config.unused): no difference."""
     def paper(k):
         return RESOLVED[k] if k in RESOLVED else SETTINGS[k].default if k in SETTINGS else None
     order = [*[k for k in SETTINGS if k in settings], *sorted(k for k in settings if k not in SETTINGS)]
-    return {k: settings[k] for k in order if k not in (*KEY, "seed") and settings[k] != paper(k)}
+    return {k: settings[k] for k in order if k not in (*KEY, "seed") and settings[k] is not None
+            and settings[k] != paper(k)}
 
 
 def paper_value(s, other):

@@ -11,7 +11,7 @@ import torch
 import evaluate
 import train
 from conftest import REPO, write_cifar10
-from engine.config import default_name, parse_config
+from engine.config import EXPERIMENT, default_name, loader_kind, parse_config, recorded
 from test_train import TINY, read_jsonl
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -151,12 +151,16 @@ def test_summarize_rows_say_how_they_differ_from_the_paper_and_skip_bad_records(
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(fields))
 
-    paper = {"dataset": "cifar10", "model": "sam_wrn28_10", "augment": "basic", "optimizer": "sam", "rho": 0.05,
-             "epochs": 200, "m_sharpness": 32, "precision": "bf16"}
+    def recorded_settings(*flags):  # what results.json states of the paper's runs (its idle settings null)
+        config = parse_config(["--config", *flags]).config
+        return {**{k: recorded(config)[k] for k in EXPERIMENT}, "precision": "bf16", "loader": loader_kind(config)}
+
+    paper = recorded_settings("configs/wrn28-10_sam.yaml")
+    sgd = recorded_settings("configs/wrn28-10_sgd.yaml", "--epochs", "400")
+    assert paper["cutout_placement"] is None and sgd["sam_prob"] is None  # nulls: not differences from the paper
     for seed in (0, 1):
         write(f"sam{seed}", final_test_error=0.027, seed=seed, settings=paper, dataset_official=True, passes_per_step=2.0)
-        write(f"sgd{seed}", final_test_error=0.035, seed=seed, dataset_official=True, passes_per_step=1.0,
-              settings={**paper, "optimizer": "sgd", "rho": 0.0, "epochs": 400})
+        write(f"sgd{seed}", final_test_error=0.035, seed=seed, dataset_official=True, passes_per_step=1.0, settings=sgd)
     write("smoke", final_test_error=0.5, seed=0, dataset_official=False, passes_per_step=1.5,
           settings={**paper, "epochs": 2, "subset": 256, "precision": "fp32", "sam_start_epoch": 1})
     write("nan", final_test_error=math.nan, seed=0, settings=paper)
