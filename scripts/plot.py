@@ -104,6 +104,12 @@ def experiment(folder):
     return re.sub(r"-seed\d+", "", folder.name)
 
 
+def common_settings(groups):
+    """The '+key=value' parts of a run name that every drawn experiment shares (none for one experiment)."""
+    parts = [name.split("+")[1:] for name in groups]
+    return [p for p in parts[0] if all(p in other for other in parts[1:])] if len(parts) > 1 else []
+
+
 WIDTH = 12  # inches: three panels, readable at half this width
 
 
@@ -119,8 +125,10 @@ def plot(folders, out):
         fig, axes = plt.subplots(1, 3, figsize=(WIDTH, 4.0), layout="constrained")
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         losses = []
+        shared = common_settings(groups)
         for i, (name, runs) in enumerate(groups.items()):
             color, look = colors[i % len(colors)], figures.style(i)
+            name = "+".join(part for j, part in enumerate(name.split("+")) if j == 0 or part not in shared)
             label = f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
             length = min(len(r["epoch"]) for r in runs)  # epochs every seed has reached
             x = runs[0]["epoch"][:length]
@@ -151,6 +159,8 @@ def plot(folders, out):
             figures.integer_ticks(ax.xaxis)
         for ax in axes[1:]:
             figures.plain(ax.yaxis)
+        if shared:  # said once, not in every legend entry
+            fig.suptitle("all runs: " + ", ".join(shared), fontsize="medium")
         figures.legend_below(fig, *axes[0].get_legend_handles_labels(), WIDTH)
         fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -229,6 +229,9 @@ def test_a_loss_over_decades_is_on_a_log_axis_with_plain_labels_and_long_names_f
     labels = [t.get_text().replace("\u2212", "-") for t in tick_labels(fig.axes[0].yaxis)]
     assert {"0.01", "0.1", "1"} <= set(labels)
     assert_readable(fig)  # the three long names wrapped or stacked, inside the picture
+    labels = sorted(re.sub(r"\s+", "", t.get_text()) for t in fig.legends[0].get_texts())
+    assert labels == [f"wrn28_10-cifar10-autoaugment-sam-rho0.05+lr={i}(1seed)" for i in range(3)]  # what differs
+    assert fig._suptitle.get_text() == "all runs: dropout=0.1, epochs=200, batch_size=128, label_noise=0.2"
 
 
 def out_cases(runs, tmp_path):
