@@ -15,6 +15,7 @@ run's test accuracy here equals the final_test_acc of its results.json.
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def parse(argv):
         raise ConfigError("--split val is the run's own held-out images; drop --data-dir (or --split)")
     if args.json is not None:
         try:
-            check_output_file(args.json, "--json", example="eval.json")  # never a run's own file, checked first
+            run = Path(os.path.realpath(args.run))  # its folder may hold the figures; no other run's may
+            check_output_file(args.json, "--json", example="eval.json", own=[run if run.is_dir() else run.parent])
         except OutputError as e:
             raise ConfigError(str(e)) from None
     return args

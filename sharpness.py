@@ -305,7 +305,7 @@ def main(argv=None):
         args, runs = parse(argv)
         outputs = ["sharpness.json", *figure_names(args)]
         if args.out:  # checked before anything is loaded, measured or drawn
-            figures.check_output_folder(args.out, outputs)
+            figures.check_output_folder(args.out, outputs, own=[Path(os.path.realpath(checkpoint.find(args.run))).parent])
             other = checkpoint.enclosing_run(args.out)
             if other is not None and (args.compare or other != Path(os.path.realpath(checkpoint.find(args.run))).parent):
                 raise InputError(f"--out {args.out} is {'inside ' if other != Path(os.path.realpath(args.out)) else ''}"
@@ -319,7 +319,7 @@ def main(argv=None):
             raise InputError(f"--landscape interp needs two runs of one model; got {measured[0].config['model']} and "
                              f"{measured[1].config['model']}")
         out_dir = Path(args.out) if args.out else measured[0].dir
-        figures.check_output_folder(out_dir, outputs)
+        figures.check_output_folder(out_dir, outputs, own=[m.dir for m in measured])
         out_dir.mkdir(exist_ok=True)
     except (InputError, figures.OutputError) as e:
         return refuse(e)

@@ -10,7 +10,8 @@ import math
 import os
 from pathlib import Path
 
-from engine.checkpoint import RUN_FILES, is_run_folder  # train.py's own files in a run folder
+from data.cifar import is_data_folder
+from engine.checkpoint import RUN_FILES, enclosing_run, is_run_folder  # train.py's own files in a run folder
 
 FEW = 20  # series of at most this many points are drawn with a marker on each
 STYLES = ("-", "--", ":", "-.")
@@ -111,9 +112,10 @@ def run_folder_file(path):
     return None
 
 
-def check_output_file(path, option="--out", example="curves.png"):
+def check_output_file(path, option="--out", example="curves.png", own=()):
     """A file about to be written (or overwritten): its folder exists and is writable, it is not a folder,
-    and it is not a file of a run folder train.py wrote. OutputError otherwise."""
+    not a file of a run folder train.py wrote, not inside a run folder other than the tool's own runs
+    (`own`: the runs it reads), and not inside a data set's folder. OutputError otherwise."""
     if not str(path).strip():
         raise OutputError(f"{option} is empty; name the file to write, e.g. {option} {example}")
     path = Path(path)
@@ -121,6 +123,7 @@ def check_output_file(path, option="--out", example="curves.png"):
     if folder is not None:
         raise OutputError(f"{option} {path}: that is run folder {folder}'s own {Path(os.path.realpath(path)).name}, "
                           f"which no tool overwrites; choose another {option}")
+    check_place(path, option, own)
     if path.is_dir():
         raise OutputError(f"{option} {path} is a folder; give a file name in it, e.g. {path / example}" if example else
                           f"{option}: {path} is a folder, where a file is to be written; move it or choose another")
@@ -131,7 +134,21 @@ def check_output_file(path, option="--out", example="curves.png"):
         raise OutputError(f"{option} {path}: {path if path.exists() else parent} is not writable; choose another")
 
 
-def check_output_folder(path, names, option="--out"):
+def check_place(path, option, own=()):
+    """`path` (to be written) lies neither inside a run folder other than `own` (the runs the tool reads)
+    nor inside a data set's folder. OutputError otherwise."""
+    inside = enclosing_run(path.parent)
+    if inside is not None and inside not in {Path(os.path.realpath(r)) for r in own}:
+        raise OutputError(f"{option} {path} is inside run folder {inside}, which this command does not read; "
+                          f"that folder holds its own run's records only: choose a path outside it")
+    real = Path(os.path.realpath(path.parent))
+    data = next((f for f in (real, *real.parents) if is_data_folder(f)), None)
+    if data is not None:
+        raise OutputError(f"{option} {path} is inside data folder {data}, which no tool writes into; "
+                          f"choose a path outside it")
+
+
+def check_output_folder(path, names, option="--out", own=()):
     """A folder about to receive the files `names`: it is a folder (or is to be created in an existing
     one), writable, and none of those files is a folder or a run's own file. OutputError otherwise."""
     path = Path(path)
@@ -142,6 +159,7 @@ def check_output_folder(path, names, option="--out"):
     if path.exists() and not path.is_dir():
         raise OutputError(f"{option} {path}: cannot write the output folder there, it is a file; give a folder")
     if not path.exists():
+        check_place(path, option, own)
         if not path.parent.is_dir():
             raise OutputError(f"{option} {path}: folder {path.parent} does not exist; create it or choose another")
         if not writable(path.parent):
@@ -151,7 +169,7 @@ def check_output_folder(path, names, option="--out"):
     if not writable(path):
         raise OutputError(f"{option} {path} is not writable; choose another folder")
     for name in names:
-        check_output_file(path / name, option, example=None)
+        check_output_file(path / name, option, example=None, own=own)
 
 
 def writable(path):

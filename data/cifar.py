@@ -16,6 +16,15 @@ RELEASES = {"cifar10": (CIFAR10, "labels", 10), "cifar100": (CIFAR100, "fine_lab
 DATA_DIR_ENV = "SAM_DATA_DIR"
 
 
+def is_data_folder(folder):
+    """Whether `folder` holds a data set a tool reads: CIFAR-10's or CIFAR-100's python batches, or the .npy
+    arrays of CIFAR-10-C (labels.npy) or CIFAR-10.1 (<name>_labels.npy). No tool writes into one."""
+    folder = Path(folder)
+    has = lambda *names: all((folder / name).is_file() for name in names)  # noqa: E731
+    return (has("batches.meta") or has("data_batch_1") or has("meta", "train", "test") or has("labels.npy")
+            or (folder.is_dir() and any(folder.glob("*_labels.npy"))))
+
+
 class DataError(Exception):
     """Missing or unreadable data; the message is one line naming the file and the fix."""
 

@@ -12,6 +12,7 @@ are the flag names with '_' for '-'. docs/settings.md is generated from SETTINGS
 import argparse
 import hashlib
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -407,7 +408,14 @@ def validate(config, flags=frozenset()):
             config[key] = SETTINGS[key].default if key != "rho" else 0.0  # keep the recorded config honest
     if config["sam_start_epoch"] > config["epochs"]:
         raise ConfigError(f"--sam-start-epoch {config['sam_start_epoch']} is after the last epoch "
-                          f"({config['epochs']}); use 0..{config['epochs']} (= --epochs: all SGD)")
+                          f"({config['epochs']}); use 0..{config['epochs'] - 1}, or --optimizer sgd for no SAM step")
+    if config["optimizer"] == "sam":  # a SAM run that takes no SAM step: its SAM settings would do nothing
+        idle = ("--rho 0 makes no ascent" if config["rho"] == 0 else
+                "--sam-prob 0 draws no SAM step" if config["sam_prob"] == 0 else
+                f"--sam-start-epoch {config['sam_start_epoch']} (= --epochs) leaves no SAM epoch"
+                if config["sam_start_epoch"] == config["epochs"] else None)
+        if idle:
+            raise ConfigError(f"{idle}, so every step is an SGD step; use --optimizer sgd for that run")
     if "eta" in flags and not config["adaptive"]:
         raise ConfigError("--eta applies only to ASAM; add --adaptive or drop --eta")
     if config["sam_second_order"] and (config["sam_p"] != 2 or config["adaptive"]):
@@ -440,10 +448,12 @@ def validate(config, flags=frozenset()):
     if config["subset"] and config["subset"] < config["batch_size"]:
         raise ConfigError(f"--subset {config['subset']} holds fewer images than one batch of {config['batch_size']}; "
                           f"raise --subset or lower --batch-size")
-    if config["wandb_mode"] == "disabled":
+    mode = config["wandb_mode"] or os.environ.get("WANDB_MODE")  # the flag, else W&B's own variable
+    if mode == "disabled":
         for key in ("wandb_project", "wandb_entity", "wandb_group", "wandb_tags", "save_artifact"):
             if key in flags and config[key]:
-                raise ConfigError(f"{flag(key)} needs W&B, but --wandb-mode is disabled; drop one of them")
+                where = "--wandb-mode is disabled" if config["wandb_mode"] else "$WANDB_MODE is disabled"
+                raise ConfigError(f"{flag(key)} needs W&B, but {where}; drop one of them")
     try:
         model_spec(config["model"], **model_options(config))
     except ValueError as e:

@@ -39,7 +39,8 @@ def wandb_mode(flag):
         return "offline"
     if env is not None:
         from engine.config import ConfigError
-        raise ConfigError(f"$WANDB_MODE is {env!r}; set it to online, offline or disabled, or unset it")
+        raise ConfigError(f"$WANDB_MODE is {env!r}; set it to online, offline or disabled (or dryrun, W&B's old "
+                          f"name for offline), or unset it")
     return "online" if has_wandb_credentials() else "offline"
 
 

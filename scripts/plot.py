@@ -175,10 +175,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = Path(args.out)
     try:
-        figures.check_output_file(out)  # before anything is read or drawn
+        folders = run_folders(args.runs)
+        figures.check_output_file(out, own=folders)  # before any run is read or anything drawn
         if out.suffix.lower() not in FORMATS:
             raise InputError(f"--out {out}: write a {', '.join(FORMATS)} file")
-        folders = run_folders(args.runs)
         for folder in folders:
             read_curves(folder)  # every run readable before anything is drawn
     except (InputError, figures.OutputError, OSError) as e:

@@ -413,3 +413,55 @@ def test_a_process_whose_peers_never_come_is_one_error_line_not_a_hang(box, monk
     monkeypatch.setattr(distributed, "JOIN_S", 3)
     env = {"WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     assert contract(box, train.main, [*fill(TRAIN, box), "--name", "alone"], env) == 2
+
+
+PLACES = st.sampled_from(["another run", "inside another run", "data", "inside data", "beside the data",
+                          "the run itself", "elsewhere"])
+
+
+@BOUNDED
+@given(PLACES, st.booleans(), st.sampled_from(["evaluate", "plot", "sharpness"]))
+@example(place="beside the data", through_link=False, tool="sharpness")
+@example(place="inside data", through_link=True, tool="evaluate")
+@example(place="inside another run", through_link=False, tool="plot")
+def test_outputs_never_land_in_another_runs_folder_or_a_data_folder(box, tmp_path_factory, place, through_link, tool):
+    """Where a tool's output may go: its own run's folder, a folder beside the data, anywhere else; not a
+    run folder it does not read (nor any folder inside one), not a data set's folder (nor inside one),
+    also when the path goes through a link. Refused in one line, before anything is written."""
+    import plot
+    import sharpness
+    from test_attack import tree as hashes
+    root = tmp_path_factory.mktemp("places")
+    shutil.copytree(box / "runs" / "done", root / "runs" / "done")
+    shutil.copytree(box / "runs" / "half", root / "runs" / "other")
+    shutil.copytree(box / "data", root / "data")
+    (root / "runs" / "other" / "sub").mkdir()
+    (root / "data" / "cifar-10-batches-py" / "sub").mkdir()
+    (root / "elsewhere").mkdir()
+    folder = {"another run": root / "runs" / "other", "inside another run": root / "runs" / "other" / "sub",
+              "data": root / "data" / "cifar-10-batches-py", "inside data": root / "data" / "cifar-10-batches-py" / "sub",
+              "beside the data": root / "data", "the run itself": root / "runs" / "done",
+              "elsewhere": root / "elsewhere"}[place]
+    if through_link:
+        os.symlink(folder, root / "link")
+        folder = root / "link"
+    before = hashes(root)
+    run = str(root / "runs" / "done")
+    if tool == "evaluate":
+        main, argv, written = evaluate.main, [run, "--json", str(folder / "e.json"), "--device", "cpu"], ["e.json"]
+    elif tool == "plot":
+        main, argv, written = plot.main, [run, "--out", str(folder / "c.png")], ["c.png"]
+    else:
+        main, argv = sharpness.main, [run, "--out", str(folder), "--m-sharpness", "8", "--batches", "1", "--batch-size", "16",
+                                      "--device", "cpu", "--wandb-mode", "disabled"]
+        written = ["sharpness.json"]
+    allowed = place in ("beside the data", "the run itself", "elsewhere")
+    code = contract(box, main, argv)
+    assert code == (0 if allowed else 2), (place, tool, code)
+    after = hashes(root)
+    new = {p for p in after if p not in before}
+    if allowed:
+        real = Path(os.path.realpath(folder)).relative_to(root)
+        assert {real / name for name in written} <= new and {p for p, h in before.items() if after.get(p) != h} == set()
+    else:
+        assert after == before

@@ -38,15 +38,25 @@ def same_weights(a, b):
 def test_the_boundary_values_are_plain_sam_and_plain_sgd(tiny_data, tmp_path, m):
     args = common(tiny_data, tmp_path, "--epochs", "2", "--m-sharpness", m, "--m-sharpness-impl", "loop")
     runs = {"sam": [], "sgd": ["--optimizer", "sgd"], "start0": ["--sam-start-epoch", "0"],
-            "prob1": ["--sam-prob", "1"], "start_end": ["--sam-start-epoch", "2"], "prob0": ["--sam-prob", "0"]}
+            "prob1": ["--sam-prob", "1"]}
     for name, flags in runs.items():
         assert train.main([*args, "--name", name, *flags]) == 0
     w = {name: weights(tmp_path / name) for name in runs}
     assert same_weights(w["start0"], w["sam"]) and same_weights(w["prob1"], w["sam"])
-    assert same_weights(w["start_end"], w["sgd"]) and same_weights(w["prob0"], w["sgd"])
     assert not same_weights(w["sam"], w["sgd"])
-    for name, passes in (("sam", 2.0), ("start_end", 1.0), ("prob0", 1.0)):
+    for name, passes in (("sam", 2.0), ("sgd", 1.0)):
         assert json.loads((tmp_path / name / "results.json").read_text())["passes_per_step"] == passes
+
+
+@pytest.mark.parametrize("flags, says", [(["--sam-start-epoch", "2"], "--sam-start-epoch 2 (= --epochs) leaves no SAM"),
+                                         (["--sam-prob", "0"], "--sam-prob 0 draws no SAM step"),
+                                         (["--rho", "0"], "--rho 0 makes no ascent")])
+def test_a_sam_run_that_would_take_no_sam_step_is_refused(tiny_data, tmp_path, capsys, flags, says):
+    """Its SAM settings would do nothing (it is an SGD run at SAM's name): the fix is --optimizer sgd."""
+    capsys.readouterr()
+    assert train.main([*common(tiny_data, tmp_path, "--epochs", "2"), "--name", "idle", *flags]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and says in err[0] and "--optimizer sgd" in err[0] and not (tmp_path / "idle").exists()
 
 
 def test_a_switch_is_an_sgd_run_continued_as_sam(tiny_data, tmp_path, monkeypatch):

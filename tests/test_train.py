@@ -725,3 +725,15 @@ def test_compiled_step_matches_eager(tiny_data, tmp_path):
             assert a[key].item() == b[key].item() == 1, key
         else:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=3e-4, msg=key)
+
+
+def test_a_wandb_setting_under_wandb_disabled_by_the_environment_is_refused(monkeypatch):
+    """$WANDB_MODE is a source of the mode like the flag (which wins): a W&B setting it makes idle is refused."""
+    from engine.config import ConfigError
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    for flags in (["--wandb-project", "p"], ["--wandb-tags", "a,b"], ["--save-artifact"]):
+        with pytest.raises(ConfigError, match=r"needs W&B, but \$WANDB_MODE is disabled"):
+            parse_config(flags)
+    assert parse_config(["--wandb-project", "p", "--wandb-mode", "offline"]).config["wandb_project"] == "p"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert parse_config(["--wandb-project", "p"]).config["wandb_project"] == "p"
