@@ -305,9 +305,10 @@ def main(argv=None):
         args, runs = parse(argv)
         outputs = ["sharpness.json", *figure_names(args)]
         if args.out:  # checked before anything is loaded, measured or drawn
-            figures.check_output_folder(args.out, outputs, own=[Path(os.path.realpath(checkpoint.find(args.run))).parent])
+            folders = [Path(os.path.realpath(checkpoint.find(run))).parent for run in runs]
+            figures.check_output_folder(args.out, outputs, own=folders)
             other = checkpoint.enclosing_run(args.out)
-            if other is not None and (args.compare or other != Path(os.path.realpath(checkpoint.find(args.run))).parent):
+            if other is not None and (args.compare or other != folders[0]):
                 raise InputError(f"--out {args.out} is {'inside ' if other != Path(os.path.realpath(args.out)) else ''}"
                                  f"run folder {other}, not the run measured here; its records would describe "
                                  f"another run: choose another --out (or leave it out for the measured run's folder)")

@@ -18,8 +18,9 @@ SMOKE = "python train.py --config configs/resnet18_sam.yaml --subset 512 --batch
 def pass_seconds(config, num_classes, runtime, budget_s=3.0):
     """Seconds per image of one forward-backward pass of this model, on a throwaway copy (the run's
     random state untouched): steps on 8 images, and on 64 when 8 are quick (a small batch overstates
-    the cost per image of a small model), the fastest kept (other work only slows a step down). A
-    first step over a second is taken as it is, so a large model costs one step here. -> (s, images)"""
+    the cost per image of a small model), the fastest warm one kept (other work only slows a step down;
+    the first step, which also warms up, can take several times as long). At least two steps, and
+    no more once a step takes over a second. -> (s, images)"""
     with torch.random.fork_rng(devices=[]):
         step = build_training({**config, "m_sharpness": 0, "compile": "off"}, num_classes, runtime,
                               total_steps=2).step
@@ -27,11 +28,11 @@ def pass_seconds(config, num_classes, runtime, budget_s=3.0):
         for probe in (8, 64):
             images, labels = torch.zeros(probe, 3, 32, 32), torch.zeros(probe, dtype=torch.long)
             times = []
-            while len(times) < 4 and (len(times) < 2 or time.perf_counter() < deadline) and max(times, default=0) < 1:
+            while len(times) < 2 or (len(times) < 4 and time.perf_counter() < deadline and max(times) < 1):
                 start = time.perf_counter()
                 step(images, labels, False)
                 times.append(time.perf_counter() - start)
-            times = times[1:] or times  # the first step warms up, unless it was all there was time for
+            times = times[1:]  # the first step warms up
             if min(times) > 0.5 or probe >= config["batch_size"] or time.perf_counter() > deadline:
                 break
     return min(times) / probe, probe
@@ -49,7 +50,8 @@ def project(run):
                  for e in range(run.epoch, config["epochs"])) * steps - run.batch
     evaluation = sum(len(loader.labels) for loader in run.eval_loaders.values()) / 3 * (config["epochs"] - run.epoch)
     total = per_image * (passes * config["batch_size"] + evaluation)
-    line = (f"on this CPU the {config['epochs'] - run.epoch} epochs to go would take about {format_duration(total)} "
+    to_go = round(config["epochs"] - run.epoch - run.batch / steps, 2)
+    line = (f"on this CPU the {to_go:g} epoch{'s' if to_go != 1 else ''} to go would take about {format_duration(total)} "
             f"(measured: one pass of {probe} images took {per_image * probe:.2f} s)")
     if total > 3600 * REFUSE_H and config["device"] == "auto":
         raise ConfigError(f"no GPU here, and {line}; for a smoke test of the whole pipeline: {SMOKE}, or pass "
