@@ -112,10 +112,11 @@ def run_folder_file(path):
     return None
 
 
-def check_output_file(path, option="--out", example="curves.png", own=()):
+def check_output_file(path, option="--out", example="curves.png", own=(), formats=()):
     """A file about to be written (or overwritten): its folder exists and is writable, it is not a folder,
     not a file of a run folder train.py wrote, not inside a run folder other than the tool's own runs
-    (`own`: the runs it reads), and not inside a data set's folder. OutputError otherwise."""
+    (`own`: the runs it reads), not inside a data set's folder, and named with one of `formats` (suffixes,
+    when given). OutputError otherwise; nothing is written before every check but the last has passed."""
     if not str(path).strip():
         raise OutputError(f"{option} is empty; name the file to write, e.g. {option} {example}")
     path = Path(path)
@@ -127,6 +128,8 @@ def check_output_file(path, option="--out", example="curves.png", own=()):
     if path.is_dir():
         raise OutputError(f"{option} {path} is a folder; give a file name in it, e.g. {path / example}" if example else
                           f"{option}: {path} is a folder, where a file is to be written; move it or choose another")
+    if formats and path.suffix.lower() not in formats:
+        raise OutputError(f"{option} {path}: write a {', '.join(formats)} file")
     parent = path.parent
     if not parent.is_dir():
         raise OutputError(f"{option} {path}: folder {parent} does not exist; create it or choose another")
@@ -134,14 +137,15 @@ def check_output_file(path, option="--out", example="curves.png", own=()):
         raise OutputError(f"{option} {path}: {path if path.exists() else parent} is not writable; choose another")
 
 
-def check_place(path, option, own=()):
-    """`path` (to be written) lies neither inside a run folder other than `own` (the runs the tool reads)
-    nor inside a data set's folder. OutputError otherwise."""
-    inside = enclosing_run(path.parent)
+def check_place(path, option, own=(), folder=False):
+    """`path` (a file to be written, or a `folder` to write into) lies neither inside a run folder other
+    than `own` (the runs the tool reads) nor inside a data set's folder. OutputError otherwise."""
+    where = path if folder else path.parent
+    inside = enclosing_run(where)
     if inside is not None and inside not in {Path(os.path.realpath(r)) for r in own}:
         raise OutputError(f"{option} {path} is inside run folder {inside}, which this command does not read; "
                           f"that folder holds its own run's records only: choose a path outside it")
-    real = Path(os.path.realpath(path.parent))
+    real = Path(os.path.realpath(where))
     data = next((f for f in (real, *real.parents) if is_data_folder(f)), None)
     if data is not None:
         raise OutputError(f"{option} {path} is inside data folder {data}, which no tool writes into; "
@@ -158,8 +162,8 @@ def check_output_folder(path, names, option="--out", own=()):
                           f"give a folder (the run folder itself, or another)")
     if path.exists() and not path.is_dir():
         raise OutputError(f"{option} {path}: cannot write the output folder there, it is a file; give a folder")
+    check_place(path, option, own, folder=True)  # before any probe: a refused place is not touched
     if not path.exists():
-        check_place(path, option, own)
         if not path.parent.is_dir():
             raise OutputError(f"{option} {path}: folder {path.parent} does not exist; create it or choose another")
         if not writable(path.parent):

@@ -39,6 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from engine.config import OneLineParser  # noqa: E402
+from analysis import figures  # noqa: E402
 
 STAGES = ("environment", "correctness", "speed", "training")
 TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000
@@ -364,8 +365,10 @@ def main(argv=None):
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.glob("*.json"))):
         p.error(f"--out {out} already holds results (or is not a folder); choose a new folder")
-    if not out.parent.is_dir():
-        p.error(f"--out {out}: folder {out.parent} does not exist")
+    try:  # the shared output checks: no run's or data set's folder, a writable place
+        figures.check_output_folder(out, ["suite.json", "summary.md"])
+    except figures.OutputError as e:
+        p.error(str(e))
     out.mkdir(exist_ok=True)
     suite = Suite(args)
     documents = {"environment": environment(suite)}

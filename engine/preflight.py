@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.cifar import RELEASES, check_files, load_cifar, resolve_data_dir
+from data.cifar import RELEASES, check_files, is_data_folder, load_cifar, resolve_data_dir
 from engine import checkpoint
 from engine.config import ConfigError, m_sharpness_error
 from engine.resume import check_data, run_folder
@@ -116,6 +116,15 @@ def check_writable(run_dir):
                               f"it or choose another --out-dir")
         if path.exists():
             break
+    real = Path(os.path.realpath(run_dir))
+    data = next((f for f in (real, *real.parents) if is_data_folder(f)), None)
+    if data is not None:
+        raise ConfigError(f"the run folder {run_dir} would be {'inside ' if data != real else ''}data folder {data}, "
+                          f"which no tool writes into; choose another --out-dir")
+    other = checkpoint.enclosing_run(real.parent)
+    if other is not None:
+        raise ConfigError(f"the run folder {run_dir} would be inside run folder {other}, which holds its own run's "
+                          f"records only; choose another --out-dir")
     existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
     if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
         raise ConfigError(f"cannot create or write the run folder {run_dir}: {existing} is not a writable folder; "

@@ -176,9 +176,7 @@ def main(argv=None):
     out = Path(args.out)
     try:
         folders = run_folders(args.runs)
-        figures.check_output_file(out, own=folders)  # before any run is read or anything drawn
-        if out.suffix.lower() not in FORMATS:
-            raise InputError(f"--out {out}: write a {', '.join(FORMATS)} file")
+        figures.check_output_file(out, own=folders, formats=FORMATS)  # before any run is read or anything drawn
         for folder in folders:
             read_curves(folder)  # every run readable before anything is drawn
     except (InputError, figures.OutputError, OSError) as e:

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
 
 import evaluate
 import train
@@ -420,17 +420,24 @@ PLACES = st.sampled_from(["another run", "inside another run", "data", "inside d
 
 
 @BOUNDED
-@given(PLACES, st.booleans(), st.sampled_from(["evaluate", "plot", "sharpness"]))
+@given(PLACES, st.booleans(), st.sampled_from(["evaluate", "plot", "sharpness", "train", "suite"]))
 @example(place="beside the data", through_link=False, tool="sharpness")
 @example(place="inside data", through_link=True, tool="evaluate")
 @example(place="inside another run", through_link=False, tool="plot")
+@example(place="data", through_link=False, tool="train")
+@example(place="inside data", through_link=False, tool="suite")
 def test_outputs_never_land_in_another_runs_folder_or_a_data_folder(box, tmp_path_factory, place, through_link, tool):
     """Where a tool's output may go: its own run's folder, a folder beside the data, anywhere else; not a
     run folder it does not read (nor any folder inside one), not a data set's folder (nor inside one),
-    also when the path goes through a link. Refused in one line, before anything is written."""
+    also when the path goes through a link. Refused in one line, before anything is written or probed
+    (no folder's modification time changes). train.py's run folder is its output (--check: resolved
+    only); the suite is only tried where it must refuse (else it would run)."""
     import plot
     import sharpness
+    from benchmarks import suite
     from test_attack import tree as hashes
+    allowed = place in ("beside the data", "elsewhere") or (place == "the run itself" and tool not in ("train", "suite"))
+    assume(tool != "suite" or not allowed)
     root = tmp_path_factory.mktemp("places")
     shutil.copytree(box / "runs" / "done", root / "runs" / "done")
     shutil.copytree(box / "runs" / "half", root / "runs" / "other")
@@ -446,8 +453,13 @@ def test_outputs_never_land_in_another_runs_folder_or_a_data_folder(box, tmp_pat
         os.symlink(folder, root / "link")
         folder = root / "link"
     before = hashes(root)
+    times = {p: p.stat().st_mtime_ns for p in [root, *root.rglob("*")] if p.is_dir() and not p.is_symlink()}
     run = str(root / "runs" / "done")
-    if tool == "evaluate":
+    if tool == "train":
+        main, argv, written = train.main, ["--check", *fill(TRAIN, box), "--out-dir", str(folder)], []
+    elif tool == "suite":
+        main, argv, written = suite.main, ["--smoke", "--out", str(folder / "bench")], []
+    elif tool == "evaluate":
         main, argv, written = evaluate.main, [run, "--json", str(folder / "e.json"), "--device", "cpu"], ["e.json"]
     elif tool == "plot":
         main, argv, written = plot.main, [run, "--out", str(folder / "c.png")], ["c.png"]
@@ -455,7 +467,6 @@ def test_outputs_never_land_in_another_runs_folder_or_a_data_folder(box, tmp_pat
         main, argv = sharpness.main, [run, "--out", str(folder), "--m-sharpness", "8", "--batches", "1", "--batch-size", "16",
                                       "--device", "cpu", "--wandb-mode", "disabled"]
         written = ["sharpness.json"]
-    allowed = place in ("beside the data", "the run itself", "elsewhere")
     code = contract(box, main, argv)
     assert code == (0 if allowed else 2), (place, tool, code)
     after = hashes(root)
@@ -465,3 +476,4 @@ def test_outputs_never_land_in_another_runs_folder_or_a_data_folder(box, tmp_pat
         assert {real / name for name in written} <= new and {p for p, h in before.items() if after.get(p) != h} == set()
     else:
         assert after == before
+        assert {p: p.stat().st_mtime_ns for p in times} == times, "a refused output's folder was touched"
