@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from data.cifar import is_data_folder
-from engine.checkpoint import RUN_FILES, enclosing_run, is_run_folder  # train.py's own files in a run folder
+from engine.checkpoint import RUN_FILES, enclosing_run, holder, in_use, is_run_folder
 
 FEW = 20  # series of at most this many points are drawn with a marker on each
 STYLES = ("-", "--", ":", "-.")
@@ -139,12 +139,15 @@ def check_output_file(path, option="--out", example="curves.png", own=(), format
 
 def check_place(path, option, own=(), folder=False):
     """`path` (a file to be written, or a `folder` to write into) lies neither inside a run folder other
-    than `own` (the runs the tool reads) nor inside a data set's folder. OutputError otherwise."""
+    than `own` (the runs the tool reads), nor inside a run folder a live run holds, nor inside a data set's
+    folder. OutputError otherwise."""
     where = path if folder else path.parent
     inside = enclosing_run(where)
     if inside is not None and inside not in {Path(os.path.realpath(r)) for r in own}:
         raise OutputError(f"{option} {path} is inside run folder {inside}, which this command does not read; "
                           f"that folder holds its own run's records only: choose a path outside it")
+    if inside is not None and holder(inside) is not None:
+        raise OutputError(f"{option} {path}: {in_use(inside)}; or choose a path outside it")
     real = Path(os.path.realpath(where))
     data = next((f for f in (real, *real.parents) if is_data_folder(f)), None)
     if data is not None:

@@ -228,6 +228,19 @@ def test_train_refuses_a_run_folder_another_process_holds(box, capsys):
         lock.release()
 
 
+def test_no_tool_writes_into_a_run_folder_a_live_run_holds(box, capsys):
+    """Reading a live run is fine; writing beside its records while it trains is refused, by every tool."""
+    lock = checkpoint.RunLock(box / "runs" / "done").acquire()
+    try:
+        for main, args in [(sharpness.main, ["{done}", "--landscape", "1d", "--batch-size", "50"]),
+                           (sharpness.main, ["{done}", "--landscape", "1d", "--batch-size", "50", "--out", "{done}/m"]),
+                           (evaluate.main, ["{done}", "--json", "{done}/eval.json"]),
+                           (plot.main, ["{done}", "--out", "{done}/curves.png"])]:
+            attack(box, capsys, main, fill(args, box), "is in use by process")
+    finally:
+        lock.release()
+
+
 S = [  # sharpness.py
     ([], "give one run folder, or --compare RUN_A RUN_B"),
     (["{done}"], "nothing to measure"),

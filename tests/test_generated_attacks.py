@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, assume, example, given, settings, strategies
 
 import evaluate
 import train
+from engine import checkpoint
 from test_attack import TRAIN, box, fill, tree  # noqa: F401 (box: the sandbox fixture)
 
 BOUNDED = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -420,23 +421,26 @@ PLACES = st.sampled_from(["another run", "inside another run", "data", "inside d
 
 
 @BOUNDED
-@given(PLACES, st.booleans(), st.sampled_from(["evaluate", "plot", "sharpness", "train", "suite"]))
-@example(place="beside the data", through_link=False, tool="sharpness")
-@example(place="inside data", through_link=True, tool="evaluate")
-@example(place="inside another run", through_link=False, tool="plot")
-@example(place="data", through_link=False, tool="train")
-@example(place="inside data", through_link=False, tool="suite")
-def test_outputs_never_land_in_another_runs_folder_or_a_data_folder(box, tmp_path_factory, place, through_link, tool):
-    """Where a tool's output may go: its own run's folder, a folder beside the data, anywhere else; not a
-    run folder it does not read (nor any folder inside one), not a data set's folder (nor inside one),
-    also when the path goes through a link. Refused in one line, before anything is written or probed
-    (no folder's modification time changes). train.py's run folder is its output (--check: resolved
-    only); the suite is only tried where it must refuse (else it would run)."""
+@given(PLACES, st.booleans(), st.sampled_from(["evaluate", "plot", "sharpness", "train", "suite"]), st.booleans())
+@example(place="beside the data", through_link=False, tool="sharpness", live=False)
+@example(place="inside data", through_link=True, tool="evaluate", live=False)
+@example(place="inside another run", through_link=False, tool="plot", live=False)
+@example(place="data", through_link=False, tool="train", live=False)
+@example(place="inside data", through_link=False, tool="suite", live=False)
+@example(place="the run itself", through_link=False, tool="sharpness", live=True)
+def test_outputs_never_land_in_another_runs_folder_or_a_data_folder(box, tmp_path_factory, place, through_link, tool,
+                                                                    live):
+    """Where a tool's output may go: its own run's folder (unless a live run holds it: `live`), a folder
+    beside the data, anywhere else; not a run folder it does not read (nor any folder inside one), not a
+    data set's folder (nor inside one), also when the path goes through a link. Refused in one line, before
+    anything is written or probed (no folder's modification time changes). train.py's run folder is its
+    output (--check: resolved only); the suite is only tried where it must refuse (else it would run)."""
     import plot
     import sharpness
     from benchmarks import suite
     from test_attack import tree as hashes
-    allowed = place in ("beside the data", "elsewhere") or (place == "the run itself" and tool not in ("train", "suite"))
+    allowed = place in ("beside the data", "elsewhere") or (place == "the run itself" and tool not in ("train", "suite")
+                                                            and not live)
     assume(tool != "suite" or not allowed)
     root = tmp_path_factory.mktemp("places")
     shutil.copytree(box / "runs" / "done", root / "runs" / "done")
@@ -452,6 +456,7 @@ def test_outputs_never_land_in_another_runs_folder_or_a_data_folder(box, tmp_pat
     if through_link:
         os.symlink(folder, root / "link")
         folder = root / "link"
+    lock = checkpoint.RunLock(root / "runs" / "done").acquire() if live else None
     before = hashes(root)
     times = {p: p.stat().st_mtime_ns for p in [root, *root.rglob("*")] if p.is_dir() and not p.is_symlink()}
     run = str(root / "runs" / "done")
@@ -467,8 +472,12 @@ def test_outputs_never_land_in_another_runs_folder_or_a_data_folder(box, tmp_pat
         main, argv = sharpness.main, [run, "--out", str(folder), "--m-sharpness", "8", "--batches", "1", "--batch-size", "16",
                                       "--device", "cpu", "--wandb-mode", "disabled"]
         written = ["sharpness.json"]
-    code = contract(box, main, argv)
-    assert code == (0 if allowed else 2), (place, tool, code)
+    try:
+        code = contract(box, main, argv)
+    finally:
+        if lock is not None:
+            lock.release()
+    assert code == (0 if allowed else 2), (place, tool, live, code)
     after = hashes(root)
     new = {p for p in after if p not in before}
     if allowed:
