@@ -28,8 +28,12 @@ def read_run_config(run_dir):
     if not isinstance(saved, dict):
         return None
     meta = saved.pop("meta", {})
-    saved = {k: v for k, v in saved.items() if not (v is None and k in SETTINGS and SETTINGS[k].default is not None)}
-    return {"config": saved, "meta": meta if isinstance(meta, dict) else {}}  # null: a setting the run did not use
+    return {"config": known(saved), "meta": meta if isinstance(meta, dict) else {}}
+
+
+def known(saved):
+    """Saved settings without their nulls (a setting the run did not use), so the default completes them."""
+    return {k: v for k, v in saved.items() if not (v is None and k in SETTINGS and SETTINGS[k].default is not None)}
 
 
 def experiment_changes(saved, config):
@@ -76,6 +80,12 @@ def run_folder(parsed):
             raise ConfigError(f"--resume: {e}; pass the last.pt of a run folder") from None
         checkpoint.check_belongs(state, earlier, run_dir)
         saved = state["config"]
+        edited = experiment_changes(known(saved), {**defaults(), **earlier["config"]})
+        if edited:  # config.yaml changed by hand: what it says is not what the checkpoint trained
+            said = ", ".join(f"{k} {new!r} there, {old!r} in last.pt" for k, (old, new) in edited.items())
+            raise ConfigError(f"{run_dir / 'config.yaml'} does not state the settings this run trained with ({said}): "
+                              f"it was edited; a run's settings do not change: put them back, or start a new run "
+                              f"with the new ones (another --name)")
     elif earlier is not None:  # stopped before its first checkpoint: start it over with its settings
         state, saved = None, earlier["config"]
     else:

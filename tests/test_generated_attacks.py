@@ -99,6 +99,51 @@ def test_a_checkpoint_with_a_flipped_byte_never_resumes_silently(box, tmp_path_f
         checkpoint.load(folder / "last.pt")  # its digest holds: the flipped byte was not part of the contents
 
 
+def other_value(key, draw):
+    """A value of setting `key` that is valid on its own and differs from the default."""
+    from engine.config import SETTINGS
+    spec = SETTINGS[key]
+    if spec.choices:
+        return draw(st.sampled_from([c for c in spec.choices if c != spec.default]))
+    if spec.type is bool:
+        return not spec.default
+    if spec.type is int:
+        return draw(st.integers(1, 999).filter(lambda v: v != spec.default))
+    if spec.type is float:
+        return draw(st.floats(0.001, 0.9).filter(lambda v: v != spec.default))
+    return draw(st.sampled_from(["wrn16_4", "resnet18"]))  # model
+
+
+@BOUNDED
+@given(st.data())
+def test_a_hand_edited_config_yaml_never_resumes_as_what_it_says(box, tmp_path_factory, data):
+    """An experiment setting of config.yaml edited by hand (the checkpoint trained another value): --check
+    and the resume itself refuse in one line naming the setting; the folder is unchanged. The same file
+    rewritten without an edit (YAML dumped again) resumes."""
+    from engine.config import EXPERIMENT
+    import yaml
+    key = data.draw(st.sampled_from([None, *(k for k in EXPERIMENT if k != "relabel_from")]), label="key")
+    folder = tmp_path_factory.mktemp("edited") / "half"
+    shutil.copytree(box / "runs" / "half", folder)
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    if key is not None:
+        value = other_value(key, data.draw)
+        assume(saved.get(key) != value)
+        saved[key] = value
+    (folder / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    before = tree(folder)
+    for extra in (["--check"], []) if key is not None else (["--check"],):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = train.main(["--resume", str(folder), *extra])
+        lines = err.getvalue().strip().splitlines()
+        if key is None:
+            assert code == 0, lines
+        else:
+            assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and f"({key} " in lines[0], lines
+            assert tree(folder) == before
+
+
 @BOUNDED
 @given(st.sampled_from(["labels", "data", "pickle"]), st.integers(0, 39),
        st.one_of(st.integers(-3, 300), st.sampled_from([10, -1, 2**40, 2**70, "3", 1.5, 1.0, True, None])))
