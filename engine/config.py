@@ -435,6 +435,8 @@ def validate(config, flags=frozenset()):
         raise ConfigError("--padding-mode applies only to cropping augmentations; --augment none does not pad")
     if "autoaugment_policy" in flags and not config["augment"].startswith("autoaugment"):
         raise ConfigError("--autoaugment-policy applies only with --augment autoaugment or autoaugment_cutout")
+    if "weight_decay_in" in flags and not config["weight_decay"]:
+        raise ConfigError("--weight-decay-in applies only with --weight-decay > 0; drop it or set --weight-decay")
     if "label_noise_rule" in flags and not config["label_noise"]:
         raise ConfigError("--label-noise-rule applies only with --label-noise p; add it or drop the rule")
     if config["mixup_alpha"] and config["augment"].endswith("cutout"):
@@ -468,6 +470,7 @@ def unused(config):
         ("eta", not config["adaptive"]), ("workers", kind != "workers"), ("padding_mode", augment == "none"),
         ("autoaugment_policy", not augment.startswith("autoaugment")),
         ("cutout_placement", not augment.endswith("cutout")), ("label_noise_rule", not config["label_noise"]),
+        ("weight_decay_in", not config["weight_decay"]),
         ("m_sharpness_impl", not config["m_sharpness"]),
         *((key, config["optimizer"] == "sgd") for key in SAM_ONLY if key != "rho")) if idle}  # SGD: rho 0
 

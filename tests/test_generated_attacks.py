@@ -423,25 +423,39 @@ def test_control_characters_from_the_input_never_break_the_error_line(box, tmp_p
 
 
 GIVEN = {"eta": "0.02", "workers": "2", "padding_mode": "constant", "autoaugment_policy": "torchvision",
-         "cutout_placement": "image", "label_noise_rule": "other", "m_sharpness_impl": "loop"}
+         "cutout_placement": "image", "label_noise_rule": "other", "m_sharpness_impl": "loop",
+         "weight_decay_in": "optimizer"}
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.sampled_from(["none", "basic", "cutout", "autoaugment", "autoaugment_cutout"]), st.booleans(),
        st.sampled_from(["auto", "device", "workers"]), st.sampled_from(["0", "0.2"]), st.sampled_from(["0", "32"]),
-       st.sampled_from(sorted(GIVEN)))
-def test_a_setting_is_recorded_as_null_exactly_when_giving_it_is_refused(augment, adaptive, loader, noise, m, key):
-    """Any combination: a setting the run does not use is refused when given and stated as null in the
-    records (engine.config.recorded); one the run uses is accepted and recorded as given."""
+       st.sampled_from(["0", "5e-4"]), st.sampled_from(sorted(GIVEN)), st.booleans())
+@example(augment="basic", adaptive=False, loader="auto", noise="0", m="32", decay="0", key="weight_decay_in",
+         in_yaml=True)
+def test_a_setting_is_recorded_as_null_exactly_when_giving_it_is_refused(augment, adaptive, loader, noise, m, decay,
+                                                                         key, in_yaml):
+    """Any combination: a setting the run does not use is refused when given (as a flag, or in a YAML
+    file) and stated as null in the records (engine.config.recorded); one the run uses is accepted and
+    recorded as given."""
+    import tempfile
     from engine.config import ConfigError, parse_config, recorded, unused
     base = ["--augment", augment, "--loader", loader, "--label-noise", noise, "--m-sharpness", m,
-            "--batch-size", "64", *(["--adaptive"] if adaptive else [])]
+            "--weight-decay", decay, "--batch-size", "64", *(["--adaptive"] if adaptive else [])]
+    idle = {"eta": not adaptive, "workers": loader != "workers", "padding_mode": augment == "none",
+            "autoaugment_policy": not augment.startswith("autoaugment"), "cutout_placement": not augment.endswith("cutout"),
+            "label_noise_rule": noise == "0", "m_sharpness_impl": m == "0", "weight_decay_in": decay == "0"}[key]
     with_key = {**parse_config(base).config, key: type(parse_config(base).config[key])(GIVEN[key])}
-    try:
-        config = parse_config([*base, f"--{key.replace('_', '-')}", GIVEN[key]]).config
-    except ConfigError as e:
-        assert key in unused(with_key), f"{key} refused though the run would use it: {e}"
-        return
+    assert (key in unused(with_key)) == idle, (key, idle)  # the rule, stated independently of engine.config
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "c.yaml"
+        path.write_text(f"{key}: {GIVEN[key]}\n")
+        given = ["--config", str(path)] if in_yaml else [f"--{key.replace('_', '-')}", GIVEN[key]]
+        try:
+            config = parse_config([*base, *given]).config
+        except ConfigError as e:
+            assert key in unused(with_key), f"{key} refused though the run would use it: {e}"
+            return
     assert key not in unused(config), f"{key} accepted though the run does not use it"
     assert recorded(config)[key] == config[key]
     assert all(recorded(config)[k] is None for k in unused(config))
