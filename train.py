@@ -37,7 +37,7 @@ from engine.evaluation import evaluate_loader
 from engine.records import finish, run_metadata, start_tracking
 from engine.projection import format_duration, project
 from engine.step import Runtime, Training, build_training, takes_sam_step
-from engine.stopping import Stopper, exit_code, fix_hint, saved_note, stop, stop_if_not_finite, stopped
+from engine.stopping import Stopper, StoppedStarting, exit_code, fix_hint, saved_note, stop, stop_if_not_finite, stopped
 from engine.tracker import Window, new_run_id
 
 
@@ -68,26 +68,27 @@ class Run:
 
 def main(argv=None):
     run = None
-    try:
-        parsed = parse_config(argv)
-        if parsed.check:
-            print(f"ok: {preflight.check(parsed)}")
+    with Stopper() as stopper:  # a stop signal: at once while starting, after the step in flight once training
+        try:
+            parsed = parse_config(argv)
+            if parsed.check:
+                print(f"ok: {preflight.check(parsed)}")
+                return 0
+            run = prepare(parsed)
+        except (ConfigError, DataError) as e:
+            return refuse(e)
+        except StoppedStarting as e:
+            print(f"\n{e} while starting: stopped before the first step; nothing was written", file=sys.stderr)
+            return exit_code(e.signum)
+        if run is None:
             return 0
-        run = prepare(parsed)
-    except (ConfigError, DataError) as e:
-        return refuse(e)
-    except KeyboardInterrupt:
-        print("\ninterrupted while starting: no step was taken", file=sys.stderr)
-        return exit_code(signal.SIGINT)
-    if run is None:
-        return 0
-    try:
-        return train(run)
-    except OSError as e:  # a full disk, a folder made read-only mid-run
-        print(f"error: {printable(checkpoint.write_failure(run.dir, e))}", file=sys.stderr)
-        return 1
-    finally:
-        run.lock and run.lock.release()
+        try:
+            return train(run, stopper)
+        except OSError as e:  # a full disk, a folder made read-only mid-run
+            print(f"error: {printable(checkpoint.write_failure(run.dir, e))}", file=sys.stderr)
+            return 1
+        finally:
+            run.lock and run.lock.release()
 
 
 def prepare(parsed):
@@ -147,40 +148,40 @@ def data_loaders(config, data, runtime, dist=Dist(), relabel=None):
 
 # ---- training -----------------------------------------------------------------------------------
 
-def train(run):
+def train(run, stopper):
     config, dist = run.config, run.dist
-    with Stopper(config["checkpoint_every_min"], dist.control if dist.enabled else None) as stopper:
-        tracker = start_tracking(run) if dist.main else None
-        run.started, first, first_batch = time.perf_counter(), run.epoch, run.batch
-        if stopper.poll()[0]:  # a signal while starting: no step taken, nothing new to checkpoint
-            return stopped(run, tracker, stopper)
-        try:
-            for epoch in range(first, config["epochs"]):
-                epoch_start = time.perf_counter()
-                metrics = train_epoch(run, epoch, tracker, stopper)  # SAM's two passes: run.training.step
-                if metrics is None:
-                    return stopped(run, tracker, stopper)            # a signal: that step is checkpointed
-                train_time = time.perf_counter() - epoch_start
-                metrics.update(evaluate(run))                        # test (and val) loss and accuracy
-                if config["sharpness_every"] and (epoch + 1) % config["sharpness_every"] == 0:
-                    metrics.update(sharpness(run))
-                if dist.main:
-                    done = epoch + 1 - first - first_batch / len(run.train_loader)  # epochs this process trained
-                    eta = (time.perf_counter() - run.started) / done * (config["epochs"] - epoch - 1) if done >= 1 else None
-                    metrics.update(epoch_time_s=time.perf_counter() - epoch_start, train_time_s=train_time)
-                    if run.runtime.device.type == "cuda":
-                        metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(run.runtime.device) / 2**30
-                    tracker.log(metrics, run.step, "epoch")
-                    print(epoch_line(epoch, config["epochs"], metrics, eta), flush=True)
-                save_checkpoint(run, metrics, stopper)
-                if epoch + 1 < config["epochs"] and stopper.poll()[0]:  # a signal during evaluation
-                    return stopped(run, tracker, stopper)
-        except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+    stopper.training(config["checkpoint_every_min"], dist.control if dist.enabled else None)
+    tracker = start_tracking(run) if dist.main else None
+    run.started, first, first_batch = time.perf_counter(), run.epoch, run.batch
+    if stopper.poll()[0]:  # a signal while starting: no step taken, nothing new to checkpoint
+        return stopped(run, tracker, stopper)
+    try:
+        for epoch in range(first, config["epochs"]):
+            epoch_start = time.perf_counter()
+            metrics = train_epoch(run, epoch, tracker, stopper)  # SAM's two passes: run.training.step
+            if metrics is None:
+                return stopped(run, tracker, stopper)            # a signal: that step is checkpointed
+            train_time = time.perf_counter() - epoch_start
+            metrics.update(evaluate(run))                        # test (and val) loss and accuracy
+            if config["sharpness_every"] and (epoch + 1) % config["sharpness_every"] == 0:
+                metrics.update(sharpness(run))
             if dist.main:
-                print(f"\ninterrupted in epoch {run.epoch + 1}, at step {run.step}; {saved_note(run)}. Continue "
-                      f"with: python train.py --resume {run.dir}", file=sys.stderr)
-                tracker.finish(exit_code=130)
-            return exit_code(signal.SIGINT)
+                done = epoch + 1 - first - first_batch / len(run.train_loader)  # epochs this process trained
+                eta = (time.perf_counter() - run.started) / done * (config["epochs"] - epoch - 1) if done >= 1 else None
+                metrics.update(epoch_time_s=time.perf_counter() - epoch_start, train_time_s=train_time)
+                if run.runtime.device.type == "cuda":
+                    metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(run.runtime.device) / 2**30
+                tracker.log(metrics, run.step, "epoch")
+                print(epoch_line(epoch, config["epochs"], metrics, eta), flush=True)
+            save_checkpoint(run, metrics, stopper)
+            if epoch + 1 < config["epochs"] and stopper.poll()[0]:  # a signal during evaluation
+                return stopped(run, tracker, stopper)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+        if dist.main:
+            print(f"\ninterrupted in epoch {run.epoch + 1}, at step {run.step}; {saved_note(run)}. Continue "
+                  f"with: python train.py --resume {run.dir}", file=sys.stderr)
+            tracker.finish(exit_code=130)
+        return exit_code(signal.SIGINT)
 
     if dist.enabled:
         digests = replica_digests(run.training.model, dist)

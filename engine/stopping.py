@@ -35,15 +35,31 @@ def ignore_stop_signals(_worker_id=None):
         signal.signal(signum, signal.SIG_IGN)
 
 
+class StoppedStarting(BaseException):
+    """A stop signal while the run was starting: nothing was written but the lock, so it stops at once.
+    A BaseException, as KeyboardInterrupt: no `except Exception` on the way may take it for an error."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class Stopper:
-    """Within `with Stopper(...)`: the stop signals set `signum`; `poll()` says, once per step and the
+    """Within `with Stopper()`: a stop signal while starting raises StoppedStarting at once; once
+    `training(...)` is called, the stop signals set `signum` and `poll()` says, once per step and the
     same on every rank, whether to stop now and whether a time-based checkpoint is due."""
 
-    def __init__(self, every_min=0.0, control=None):
-        self.signum, self.every_s, self.control = None, 60 * every_min, control
+    def __init__(self):
+        self.signum, self.every_s, self.control, self.starting = None, 0.0, None, True
         self.last_save = self.last_poll = time.monotonic()
         self.step_s = None  # how long the last step took (between two polls)
         self._previous = {}
+
+    def training(self, every_min=0.0, control=None):
+        """From here on a signal stops the run after the step in flight, which is checkpointed."""
+        self.every_s, self.control, self.starting = 60 * every_min, control, False
+        self.last_save = self.last_poll = time.monotonic()
+        return self
 
     def __enter__(self):
         for signum in STOP_SIGNALS:
@@ -56,6 +72,8 @@ class Stopper:
         return False
 
     def _handle(self, signum, frame):
+        if self.starting:
+            raise StoppedStarting(signum)
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         if self.signum is None:

@@ -495,13 +495,50 @@ def test_a_torn_or_binary_line_in_metrics_does_not_stop_a_resume(tiny_data, tmp_
     assert [r["step"] for r in rows] == [2, 4, 6, 6]
 
 
-def test_ctrl_c_while_starting_is_one_line_and_writes_nothing(tiny_data, tmp_path, capsys, monkeypatch):
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train, "load_cifar", interrupted)
-    assert main_code([*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "runs")]) == 130
-    assert capsys.readouterr().err.strip() == "interrupted while starting: no step was taken"
+@pytest.mark.parametrize("where", ["load_cifar", "project"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2])
+def test_a_stop_signal_while_starting_stops_at_once_in_one_line_and_writes_nothing(tiny_data, tmp_path, capsys,
+                                                                                     monkeypatch, where, signum):
+    """Before the first step (reading the data, measuring the CPU projection) there is nothing to
+    checkpoint: any stop signal ends the start at once (the code after the signal never runs), one line."""
+    ran_on = []
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        ran_on.append(where)
+    monkeypatch.setattr(train, where, signalled)
+    code = main_code([*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "runs"), "--wandb-mode",
+                      "disabled"])
+    assert code == (130 if signum == signal.SIGINT else 75)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"{signal.Signals(signum).name} while starting: stopped before the first step; nothing was written"
+    assert ran_on == []
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.5, 2.0, 3.5, 5.0])
+def test_sigterm_at_any_moment_of_a_real_start_is_an_answer_never_a_traceback(tiny_data, tmp_path, delay):
+    """SIGTERM to a real `python train.py` at some moment of its start (the delay only spreads the moments;
+    every outcome below is accepted whenever it lands): killed by the signal's default while Python still
+    imports torch (nothing written, exit 143), stopped while starting (exit 75, one line, no checkpoint), or
+    stopped after a step (exit 75, that step checkpointed). Never a traceback or an error line."""
+    import time
+    proc = start_cli([*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path / "runs"), "--name", "t",
+                      "--wandb-mode", "disabled"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=300)[1]
+    assert "Traceback" not in err and "error:" not in err and "bug:" not in err, err
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    if proc.returncode == -signal.SIGTERM:
+        assert not (tmp_path / "runs").exists() and last == ""
+    elif last.startswith("SIGTERM while starting"):
+        assert proc.returncode == 75 and not (tmp_path / "runs" / "t" / "last.pt").exists()
+    elif proc.returncode == 75:
+        assert last.startswith("stopped by SIGTERM") and (tmp_path / "runs" / "t" / "last.pt").is_file(), err
+    else:
+        assert proc.returncode == 0, err  # the whole tiny run ended before the signal came
 
 
 @pytest.mark.slow
