@@ -24,6 +24,7 @@ import torch
 
 from analysis.figures import OutputError, check_output_file
 from data import DataError, load_cifar
+from data.cifar import is_data_folder
 from data.loaders import DeviceLoader
 from engine import checkpoint
 from engine.config import ConfigError, OneLineParser, read, refuse
@@ -63,7 +64,8 @@ def shift_sets(folder):
     in the official files). Every array is checked before any is used: a bad one is a ConfigError."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise ConfigError(f"--data-dir {folder} is not a folder; give a CIFAR-10.1 or CIFAR-10-C folder")
+        raise ConfigError(f"--data-dir {folder} is not a folder; give a CIFAR-10.1 or CIFAR-10-C folder, or omit "
+                          f"--data-dir to evaluate on the run's own test set")
     arrays = sorted(folder.glob("*.npy"))
     sets = {}
     for data in [path for path in arrays if path.name.endswith("_data.npy")]:  # CIFAR-10.1
@@ -90,7 +92,11 @@ def shift_sets(folder):
                 part = slice(severity * 10000, (severity + 1) * 10000)
                 sets[f"{path.stem}/{severity + 1}"] = (x[part], labels[part])
     if not sets:
-        raise ConfigError(f"no CIFAR-10.1 (*_data.npy) or CIFAR-10-C (labels.npy) files in {folder}")
+        cifar = next((f for f in (folder, *folder.glob("cifar-10*-*")) if f.is_dir() and is_data_folder(f)), None)
+        held = f"{cifar} holds CIFAR-10/100 itself, which the run reads from its own config" if cifar else \
+            f"no CIFAR-10.1 (*_data.npy) or CIFAR-10-C (labels.npy) files in {folder}"
+        raise ConfigError(f"--data-dir: {held}; --data-dir is for a CIFAR-10.1 or CIFAR-10-C folder: omit it to "
+                          f"evaluate on the run's own test set")
     for name, (x, y) in sets.items():
         if len(x) != len(y):
             raise ConfigError(f"{folder}: {name} has {len(x)} images and {len(y)} labels")

@@ -229,8 +229,9 @@ def draw(results, interp=None):
                 land = results[name]["landscape_1d"]
                 figures.line(ax, land["axis"], land["loss"], label=name, **figures.style(i))
             figures.plain(ax.xaxis)
-            figures.plain(ax.yaxis)
-            ax.set(xlabel="alpha (filter-normalised direction)", ylabel="training loss", title="loss landscape, 1-D")
+            scale = figures.log_or_linear(ax, [v for n in names for v in results[n]["landscape_1d"]["loss"]])
+            ax.set(xlabel="alpha (filter-normalised direction)", ylabel="training loss" + (
+                " (log scale)" if scale == "log" else ""), title="loss landscape, 1-D")
             figures.legend_below(fig, *ax.get_legend_handles_labels(), 6)
             drawn["landscape_1d.png"] = fig
         if all("landscape_2d" in r for r in results.values()):
@@ -265,9 +266,9 @@ def draw(results, interp=None):
             for alpha, name, look in ((0, names[0], "--"), (1, names[1], ":")):
                 ax.axvline(alpha, color="0.35", linestyle=look, linewidth=1.2, label=f"alpha {alpha}: {name}")
             figures.plain(ax.xaxis)
-            figures.plain(ax.yaxis)
-            ax.set(xlabel="alpha: the weights (1 - alpha) w_0 + alpha w_1", ylabel="training loss",
-                   title="linear interpolation")
+            scale = figures.log_or_linear(ax, interp["loss"])  # trained ends: losses decades under the middle's
+            ax.set(xlabel="alpha: the weights (1 - alpha) w_0 + alpha w_1", title="linear interpolation",
+                   ylabel="training loss" + (" (log scale)" if scale == "log" else ""))
             figures.legend_below(fig, *ax.get_legend_handles_labels(), 6)
             drawn["interpolation.png"] = fig
     return drawn

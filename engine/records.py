@@ -82,5 +82,7 @@ def finish(run, tracker, wall_time):
     if run.config["save_artifact"]:
         tracker.log_artifact(run.dir / "last.pt", f"{run.dir.name}-checkpoint")
     tracker.finish()
-    print(f"done: final test accuracy {out['final_test_acc']:.4f}, best {out['best_test_acc']:.4f}, "
+    tested = len(run.eval_loaders["test"].labels)  # all 10,000, or the first --subset of them
+    print(f"done: final test accuracy {out['final_test_acc']:.4f} on {tested:,} test images, best "
+          f"{out['best_test_acc']:.4f}, "
           f"{out['wall_time_s'] / 60:.1f} min of training; results in {run.dir}")

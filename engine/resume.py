@@ -65,6 +65,12 @@ def run_folder(parsed):
                               f"away and run again")
     earlier = read_run_config(run_dir)
     if parsed.resume is None:
+        if path.exists() and (run_dir / "results.json").is_file():
+            changes = experiment_changes(earlier["config"], config) if earlier else {}
+            what = f"a finished run of other settings ({describe(changes)})" if changes else \
+                "this run, finished: its results are in results.json (or: python evaluate.py RUN)"
+            raise ConfigError(f"run folder {run_dir} holds {what.replace('RUN', str(run_dir))}; give --name for "
+                              f"another run")
         if path.exists():
             raise ConfigError(f"run folder {run_dir} already holds a run; pass --resume to continue it "
                               f"or --name for a new run")

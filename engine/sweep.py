@@ -141,8 +141,9 @@ def resolve_line(line, extra, extra_keys, options):
         raise ConfigError(f"not shell words ({e})") from None
     clash = given(words) & extra_keys
     if clash:
-        raise ConfigError(f"{flag(sorted(clash)[0])} after -- is set by this script for each run; drop it (the "
-                          f"script's header says which variable sets it)")
+        reads = f"; it reads {options.reads}, and its header says which of them sets it" if options.reads else ""
+        raise ConfigError(f"{flag(sorted(clash)[0])} after -- is set by this script for each run: drop it, and "
+                          f"set it through the script's environment variables{reads}")
     args = [*words, *extra, "--out-dir", options.out_dir]
     config = parse_config(args).config
     if options.group and config["wandb_mode"] != "disabled" and config["wandb_group"] is None:

@@ -32,9 +32,12 @@ def no_projection(monkeypatch):
 def test_different_experiments_never_share_a_folder_and_the_same_command_finds_its_own(tiny_data, tmp_path, capsys):
     common = [*TINY, "--data-dir", str(tiny_data), "--out-dir", str(tmp_path), "--wandb-mode", "disabled"]
     assert train.main([*common, "--epochs", "1", "--subset", "64"]) == 0  # a smoke run
+    assert " on 40 test images, best " in capsys.readouterr().out  # all the data's 40 (--subset: the first 64)
     assert train.main([*common, "--epochs", "1"]) == 0                    # then the full one: its own folder
     assert train.main([*common, "--epochs", "2"]) == 0                    # a longer one: its own too
-    names = sorted(p.name for p in tmp_path.iterdir() if p.name != "data")
+    assert train.main([*common, "--epochs", "1", "--subset", "32", "--out-dir", str(tmp_path / "s")]) == 0
+    assert " on 32 test images, best " in capsys.readouterr().out       # the first 32 of them
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name not in ("data", "s"))
     assert names == ["wrn10_1-cifar10-basic-sam-rho0.05-seed0+dropout=0.1+epochs=1+batch_size=32",
                      "wrn10_1-cifar10-basic-sam-rho0.05-seed0+dropout=0.1+epochs=1+batch_size=32+subset=64",
                      "wrn10_1-cifar10-basic-sam-rho0.05-seed0+dropout=0.1+epochs=2+batch_size=32"]
@@ -42,7 +45,8 @@ def test_different_experiments_never_share_a_folder_and_the_same_command_finds_i
     assert train.main([*common, "--epochs", "1", "--subset", "64", "--resume"]) == 0  # the same command + --resume
     assert f"{tmp_path / names[1]} is finished" in capsys.readouterr().out
     assert train.main([*common, "--epochs", "1", "--subset", "64"]) == 2  # ...or without: it names the folder
-    assert f"run folder {tmp_path / names[1]} already holds a run; pass --resume" in capsys.readouterr().err
+    assert f"run folder {tmp_path / names[1]} holds this run, finished: its results are in results.json" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("a, b", [

@@ -401,3 +401,14 @@ def test_a_setting_of_a_measurement_not_asked_for_is_refused(option, modes):
     else:
         with pytest.raises(sharpness.InputError, match=f"{option} is a setting of {mode}, which this command"):
             sharpness.parse(argv)
+
+
+@pytest.mark.parametrize("losses, scale", [([0.004, 0.6, 2.3, 0.7, 0.01], "log"), ([1.0, 1.2, 1.5, 1.1, 1.0], "linear")])
+def test_an_interpolation_between_trained_runs_keeps_its_ends_in_view(losses, scale):
+    """Two trained runs' losses sit decades under the middle of the line between them: on a linear axis
+    both ends lie flat on zero. A log axis (plain labels) where the losses span more than a decade."""
+    from test_figures import assert_readable
+    fig = sharpness.draw({"sgd": {}, "sam": {}}, {"alpha": [0, 0.25, 0.5, 0.75, 1], "loss": losses})["interpolation.png"]
+    (ax,) = fig.axes
+    assert ax.get_yscale() == scale and ("log scale" in ax.get_ylabel()) == (scale == "log")
+    assert_readable(fig)
