@@ -313,11 +313,12 @@ def read(path):
     return path.read_bytes()
 
 
-def load_yaml(path, _seen=()):
+def load_yaml(path, _seen=(), named_by="--config"):
     """The settings of a YAML file, after those of the `base:` file it names (relative to it)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} not found; pass an existing YAML file to --config")
+        what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "not found"
+        raise ConfigError(f"config file {path} ({named_by}) {what}; name an existing YAML file there")
     try:
         values = yaml.load(read(path).decode(), Loader=_StrictLoader) or {}
     except (yaml.YAMLError, RecursionError) as e:
@@ -328,10 +329,14 @@ def load_yaml(path, _seen=()):
         raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(values).__name__}")
     merged = {}
     if "base" in values:
-        base = path.parent / str(values.pop("base"))
+        named = values.pop("base")
+        if not isinstance(named, str) or not named.strip() or named.strip() in (".", "..") or named.endswith("/"):
+            raise ConfigError(f"config file {path}: base: must name one YAML file (relative to {path.parent}), "
+                              f"got {named!r}")
+        base = path.parent / named
         if base.resolve() in _seen or len(_seen) > 8:
             raise ConfigError(f"config file {path}: its base: chain loops back to {base}")
-        merged = load_yaml(base, (*_seen, path.resolve()))
+        merged = load_yaml(base, (*_seen, path.resolve()), f"the base: of {path}")
     for key, value in values.items():
         if key not in SETTINGS:
             raise ConfigError(f"unknown key {key!r} in {path}; valid keys: base, {', '.join(SETTINGS)}")

@@ -29,6 +29,10 @@ import plot  # noqa: E402
 import summarize  # noqa: E402
 
 
+BASES = {"empty": '""', "dot": ".", "map": "{a: 1}", "null": "~", "stdin": "/dev/stdin", "folder": "empty",
+         "missing": "nope.yaml"}  # base: values of YAML files in the box
+
+
 @pytest.fixture(scope="module")
 def box(tmp_path_factory):
     """The sandbox: data, a relabelled copy, a finished run, a run stopped mid-epoch, results, configs."""
@@ -70,6 +74,8 @@ def box(tmp_path_factory):
     (results / "broken").mkdir()
     (results / "broken" / "results.json").write_text("{not json")
     (root / "bad.yaml").write_text("lr: [0.1\n")
+    for name, base in BASES.items():
+        (root / f"base_{name}.yaml").write_text(f"base: {base}\nseed: 1\n")
     (root / "metrics_only").mkdir()
     (root / "metrics_only" / "metrics.jsonl").write_text('{"step": 2, "kind": "step", "lr": 0.1}\n')
     return root
@@ -165,6 +171,14 @@ T = [  # train.py: (arguments, words of the error line)
     (["--config", "{box}/missing.yaml"], "not found"),
     (["--config", "{box}/bad.yaml"], "is not valid YAML"),
     (["--config", "{box}/afile"], "must hold a mapping of settings"),
+    (["--config", "{box}/base_empty.yaml"], "base: must name one YAML file (relative to"),
+    (["--config", "{box}/base_dot.yaml"], "base: must name one YAML file (relative to"),
+    (["--config", "{box}/base_map.yaml"], "base: must name one YAML file (relative to"),
+    (["--config", "{box}/base_null.yaml"], "base: must name one YAML file (relative to"),
+    (["--config", "{box}/base_stdin.yaml"], "/dev/stdin (the base: of "),
+    (["--config", "{box}/base_folder.yaml"], "base_folder.yaml) is a folder"),
+    (["--config", "{box}/base_missing.yaml"], "base_missing.yaml) not found"),
+    (["--config", "{box}/empty"], "(--config) is a folder"),
     (["--name", "../escape"], "--name must be one folder name"),
     (["--name", "/abs/path"], "--name must be one folder name"),
     (["--name", "a/b"], "--name must be one folder name"),
