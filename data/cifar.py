@@ -105,9 +105,13 @@ def load_cifar(dataset, data_dir=None, download=False):
     train = [_read_batch(folder / name, label_key, num_classes) for name, _ in release.train_list]
     test = [_read_batch(folder / name, label_key, num_classes) for name, _ in release.test_list]
     fingerprint = _fingerprint(dataset, folder, release)
+    missing = [name for name in fingerprint["mismatched"] if fingerprint["md5"][name] is None]
+    differ = [name for name in fingerprint["mismatched"] if name not in missing]
+    listed = "; ".join(f"{what}: {', '.join(names)}" for what, names in (("missing", missing), ("mismatched", differ))
+                       if names)
     note = None if fingerprint["official"] else (
-        f"warning: {dataset} files in {folder} do not match the official checksums (mismatched: "
-        f"{', '.join(fingerprint['mismatched'])}); accuracies are not comparable with results on the official release")
+        f"warning: {dataset} files in {folder} do not match the official release ({listed}); accuracies are not "
+        f"comparable with results on the official release")
     return CifarData(
         train_images=np.concatenate([b[0] for b in train]), train_labels=np.concatenate([b[1] for b in train]),
         test_images=np.concatenate([b[0] for b in test]), test_labels=np.concatenate([b[1] for b in test]),
@@ -134,6 +138,13 @@ def _read_batch(path, label_key, num_classes):
     try:
         with open(path, "rb") as f:
             entry = _ArraysOnly(f, encoding="latin1").load()
+        if not isinstance(entry, dict):
+            raise TypeError(f"it holds a {type(entry).__name__}, not a CIFAR batch (a dict of data and {label_key})")
+        entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}  # Python 3 dumps
+        absent = [k for k in ("data", label_key) if k not in entry]
+        if absent:
+            raise ValueError(f"it has no {' or '.join(absent)} entry (its keys: {', '.join(map(str, entry))[:80]}), "
+                           f"so it is not a CIFAR batch of this data set")
         data, raw = np.asarray(entry["data"]), np.asarray(entry[label_key])
         odd = next((v for v in entry[label_key] if isinstance(v, (bool, np.bool_))
                     or not isinstance(v, (int, np.integer))), None) if isinstance(entry[label_key], list) else None

@@ -145,10 +145,15 @@ def test_a_hand_edited_config_yaml_never_resumes_as_what_it_says(box, tmp_path_f
 
 
 @BOUNDED
-@given(st.sampled_from(["labels", "data", "pickle"]), st.integers(0, 39),
+@given(st.sampled_from(["labels", "data", "pickle", "bytes keys", "no key", "not a dict", "no meta"]),
+       st.integers(0, 39),
        st.one_of(st.integers(-3, 300), st.sampled_from([10, -1, 2**40, 2**70, "3", 1.5, 1.0, True, None])))
 @example(what="labels", index=0, value=True)  # one bool among integers: numpy reads the list as integers
+@example(what="bytes keys", index=0, value=0)  # as Python 3's pickle.dump writes a batch read with bytes keys
 def test_damaged_data_is_refused_before_anything_is_written(box, tmp_path_factory, what, index, value):
+    """A batch file damaged (labels, image shapes, a hostile pickle, its keys, its type) or batches.meta
+    gone: refused in one line before anything is written, or read as the same data (bytes keys), or
+    (batches.meta, which no image needs) a warning that names the file missing."""
     folder = tmp_path_factory.mktemp("damaged")
     shutil.copytree(box / "data", folder / "data")
     path = folder / "data" / "cifar-10-batches-py" / "data_batch_2"
@@ -158,6 +163,14 @@ def test_damaged_data_is_refused_before_anything_is_written(box, tmp_path_factor
         entry["labels"][index] = value
     elif what == "data":
         entry["data"] = entry["data"][:, : max(1, (value if type(value) is int else 7) % 3072)]
+    elif what == "bytes keys":
+        entry = {k.encode(): v for k, v in entry.items()}
+    elif what == "no key":
+        entry = {k: v for k, v in entry.items() if k != ("data", "labels")[index % 2]}
+    elif what == "not a dict":
+        entry = [entry["data"], entry["labels"]][: 1 + index % 2]
+    elif what == "no meta":
+        (path.parent / "batches.meta").unlink()
     else:
         class Payload:
             def __reduce__(self):
@@ -167,7 +180,15 @@ def test_damaged_data_is_refused_before_anything_is_written(box, tmp_path_factor
     args = [a if a != str(box / "data") else str(folder / "data") for a in fill(TRAIN, box)]
     code = contract(box, train.main, ["--check", *args])
     assert not marker.exists(), "the pickle's payload ran"
-    if what == "pickle" or what == "data" or (what == "labels" and not (type(value) is int and 0 <= value < 10)):
+    if what in ("bytes keys", "no meta"):
+        assert code == 0
+        from data.cifar import load_cifar
+        data = load_cifar("cifar10", str(folder / "data"))
+        reference = load_cifar("cifar10", str(box / "data"))
+        assert (data.train_images == reference.train_images).all() and (data.train_labels == reference.train_labels).all()
+        if what == "no meta":
+            assert "(missing: batches.meta;" in data.note
+    if what in ("pickle", "data", "no key", "not a dict") or (what == "labels" and not (type(value) is int and 0 <= value < 10)):
         assert code == 2  # a label that is not an integer 0-9 (a string, 1.5, even 1.0 or True) is refused
 
 
