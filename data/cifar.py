@@ -110,7 +110,7 @@ def load_cifar(dataset, data_dir=None, download=False):
     listed = "; ".join(f"{what}: {', '.join(names)}" for what, names in (("missing", missing), ("mismatched", differ))
                        if names)
     note = None if fingerprint["official"] else (
-        f"warning: {dataset} files in {folder} do not match the official release ({listed}); accuracies are not "
+        f"warning: {dataset} files in {folder} do not match the official checksums ({listed}); accuracies are not "
         f"comparable with results on the official release")
     return CifarData(
         train_images=np.concatenate([b[0] for b in train]), train_labels=np.concatenate([b[1] for b in train]),
