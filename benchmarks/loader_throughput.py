@@ -10,13 +10,14 @@ import time
 import torch
 
 from benchmarks.record import RESULTS, save
+from engine.config import OneLineParser
 from data import build_loaders, load_cifar
 
 CASES = [("basic", "device"), ("cutout", "device"), ("basic", "workers"), ("autoaugment", "workers")]
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", required=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=256)

@@ -13,6 +13,7 @@ import time
 import torch
 
 from benchmarks.record import RESULTS, save
+from engine.config import OneLineParser
 from benchmarks.reference_sam import LoopSAM
 from models import build_model
 from sam import SAM
@@ -55,7 +56,7 @@ def measure(params, grads, parts, device, repeats):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", default="wrn28_10")
     p.add_argument("--repeats", type=int, default=30)

@@ -186,9 +186,26 @@ def refuse(message):
     return 2
 
 
+def _ascii_number(kind, pattern):
+    def convert(text):
+        if not re.fullmatch(pattern, text.strip(), re.IGNORECASE):
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r} (write it plainly: digits "
+                                             f"0-9{', a point, an exponent' if kind is float else ''})")
+        return kind(text)
+    convert.__name__ = kind.__name__
+    return convert
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one `error:` line and exit 2, instead of usage + message. Every entry
-    point (train.py, sharpness.py, evaluate.py, summarize.py, plot.py, the benchmarks suite) uses it."""
+    point (train.py, sharpness.py, evaluate.py, summarize.py, plot.py, the benchmarks suite) uses it.
+    Numbers are read as a person reads them: ASCII digits only (Python's int() also takes '１２', '1_0')."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("type", int, _ascii_number(int, r"[-+]?[0-9]+"))
+        self.register("type", float, _ascii_number(float, r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)(e[-+]?[0-9]+)?|"
+                                                          r"[-+]?(inf|infinity|nan)"))
 
     def error(self, message):
         sys.exit(refuse(f"{message} (see {self.prog} --help)"))

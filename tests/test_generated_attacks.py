@@ -566,3 +566,26 @@ def test_outputs_never_land_in_another_runs_folder_or_a_data_folder(box, tmp_pat
     else:
         assert after == before
         assert {p: p.stat().st_mtime_ns for p in times} == times, "a refused output's folder was touched"
+
+
+NUMBER_TEXT = st.text(st.one_of(st.characters(whitelist_categories=("Nd", "No", "Zs")), st.sampled_from(list("+-_.e 0123456789"))),
+                      min_size=1, max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(NUMBER_TEXT, st.sampled_from(["--seed", "--lr", "--epochs"]))
+@example("１２", "--seed")
+@example("1_0", "--seed")
+@example("٠.١", "--lr")
+def test_a_number_flag_is_read_as_a_person_reads_it_or_refused(text, option):
+    """Python's int() and float() read '１２' as 12 and '1_0' as 10; a flag is read only when it is
+    written with the ASCII digits (as YAML files are), and then as those digits say."""
+    import re
+    from engine.config import ConfigError, parse_config
+    try:
+        config = parse_config([f"{option}={text}"]).config
+    except ConfigError:
+        return
+    key = option[2:]
+    assert re.fullmatch(r"\s*[-+]?[0-9.eE+-]+\s*", text), (text, config[key])
+    assert config[key] == (int if key != "lr" else float)(text.strip())

@@ -384,7 +384,7 @@ def test_bad_input_is_one_line_exit_2_and_creates_nothing(tiny_data, tmp_path, c
     ("augment: mixup\n", "augment in"),
     ("- a list\n", "mapping"),
     ("lr: [0.1\n", "not valid YAML"),
-    ("base: nowhere.yaml\n", "nowhere.yaml not found"),
+    ("base: nowhere.yaml\n", "nowhere.yaml (the base: of"),
     ("base: bad.yaml\n", "loops back"),
 ])
 def test_bad_config_files(tiny_data, tmp_path, capsys, text, message):
@@ -408,7 +408,7 @@ def test_existing_run_is_never_overwritten(tiny_data, tmp_path, capsys):
     before = files(tmp_path / "r")
     capsys.readouterr()
     assert train.main(common) == 2
-    assert "--resume" in one_line_error(capsys)
+    assert "holds this run, finished" in one_line_error(capsys)
     assert files(tmp_path / "r") == before
 
 
