@@ -46,20 +46,26 @@ def run_folders(paths):
 def read_curves(folder):
     """-> {"epoch": [...], "train_loss": [...], "test_error": [...]}, and the logged lr against fractional
     epochs ("lr_epoch", "lr"), and the schedule at every step when it reproduces them ("schedule")."""
-    epochs, lr = [], []
-    for line in read(folder / "metrics.jsonl").splitlines():
+    epochs, lr, skipped = [], [], []
+    for number, line in enumerate(read(folder / "metrics.jsonl").splitlines(), 1):
         try:
             row = json.loads(line)
         except (ValueError, RecursionError):  # a torn last line, or nested past reading
-            continue
-        if not isinstance(row, dict):
-            continue
-        kind = row.get("kind") or ("epoch" if "test/acc" in row else "step")
+            row = None
+        kind = (row.get("kind") or ("epoch" if "test/acc" in row else "step")) if isinstance(row, dict) else None
         if kind == "epoch" and all(finite(row.get(k)) for k in ("train/loss", "test/error")) and \
                 counted(row.get("epoch")) and counted(row.get("step")):
             epochs.append(row)
         elif kind == "step" and finite(row.get("lr")) and counted(row.get("step"), 0):
-            lr.append((row["step"], row["lr"]))  # a row of other values (hand-edited, damaged) is not drawn
+            lr.append((row["step"], row["lr"]))
+        elif kind not in ("step", "epoch") and isinstance(row, dict) or not line.strip():
+            continue  # a row of another kind (sharpness, ...) or an empty line: not a curve's
+        else:
+            skipped.append(number)  # unreadable, or a curve's row of other values (hand-edited, damaged)
+    if skipped:
+        lines = ", ".join(map(str, skipped[:5])) + (", ..." if len(skipped) > 5 else "")
+        print(f"warning: {folder / 'metrics.jsonl'}: {len(skipped)} damaged line{'s' * (len(skipped) > 1)} "
+              f"({lines}) left out of the plot", file=sys.stderr)
     if not epochs:
         raise InputError(f"{folder}/metrics.jsonl has no finished epoch yet; nothing to plot")
     steps_per_epoch = epochs[0]["step"] / epochs[0]["epoch"]
@@ -113,14 +119,14 @@ def common_settings(groups):
 WIDTH = 12  # inches: three panels, readable at half this width
 
 
-def plot(folders, out):
-    """Draw the runs' curves to `out`. -> the figure (closed), for tests to inspect."""
+def plot(curves, out):
+    """Draw the runs' curves ({run folder: read_curves(folder)}) to `out`. -> the figure (closed), for tests."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     groups = defaultdict(list)
-    for folder in folders:
-        groups[experiment(folder)].append(read_curves(folder))
+    for folder, run in curves.items():
+        groups[experiment(folder)].append(run)
     with plt.rc_context(figures.RC):
         fig, axes = plt.subplots(1, 3, figsize=(WIDTH, 4.0), layout="constrained")
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -177,12 +183,11 @@ def main(argv=None):
     try:
         folders = run_folders(args.runs)
         figures.check_output_file(out, own=folders, formats=FORMATS)  # before any run is read or anything drawn
-        for folder in folders:
-            read_curves(folder)  # every run readable before anything is drawn
+        curves = {folder: read_curves(folder) for folder in folders}  # every run readable before anything is drawn
     except (InputError, figures.OutputError, OSError) as e:
         return refuse(e)
     try:
-        plot(folders, out)
+        plot(curves, out)
     except OSError as e:  # the disk filled, the folder went away
         return refuse(f"cannot write {out} ({e.strerror or e}); choose another --out")
     print(f"written: {out} ({len(folders)} run(s))")

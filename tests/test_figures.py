@@ -154,7 +154,7 @@ def runs(tmp_path_factory):
 
 
 def draw_curves(folders, tmp_path):
-    return plot.plot([*map(plot.Path, folders)], tmp_path / "curves.png")
+    return plot.plot({f: plot.read_curves(f) for f in map(plot.Path, folders)}, tmp_path / "curves.png")
 
 
 def test_short_runs_draw_markers_integer_epochs_and_only_what_they_hold(runs, tmp_path):
@@ -260,3 +260,15 @@ def test_out_paths_that_must_not_be_written_are_refused_before_anything_is_drawn
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and message in err[0], (out, err)
     assert before == {p: p.read_bytes() for p in (runs / "sgd-seed0").iterdir() if p.is_file()}
+
+
+def test_damaged_metrics_lines_are_left_out_with_one_warning_naming_them(tmp_path, capsys):
+    """plot.py reads the records of many runs: a damaged line is skipped, and said (file, line numbers)."""
+    write_run(tmp_path / "r", [2.0, 1.5, 1.0])
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 40, "kind": "epoch", "epoch": 4, "train/loss": "NaN", "test/error": 0.5}\n')  # line 7
+        f.write("[1, 2]\n" + '{"step": 4' + "\n")  # lines 8, 9: not a record; torn
+    assert plot.main([str(tmp_path / "r"), "--out", str(tmp_path / "c.png")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: {tmp_path / 'r' / 'metrics.jsonl'}: 3 damaged lines (7, 8, 9) left out of the plot"]
+    assert (tmp_path / "c.png").is_file()
