@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import train
 from conftest import write_cifar10
-from engine.config import parse_config
+from engine.config import parse_config, recorded
 from engine.step import takes_sam_step
 from test_resume import assert_same_run, common, signal_at
 from test_train import read_jsonl
@@ -75,6 +76,9 @@ def test_a_switch_is_an_sgd_run_continued_as_sam(tiny_data, tmp_path, monkeypatc
     assert state["step"] == 6 and state["sam_steps"] == 0
     state["config"] = {**late["config"], "name": "stitched"}  # from here on, the late run's settings
     checkpoint.save_atomic(checkpoint.seal(state), tmp_path / "stitched" / "last.pt")
+    saved = yaml.safe_load((tmp_path / "stitched" / "config.yaml").read_text())  # and its config.yaml says so
+    (tmp_path / "stitched" / "config.yaml").write_text(yaml.safe_dump(
+        {**recorded(state["config"]), "meta": saved["meta"]}, sort_keys=False))
     assert train.main(["--resume", str(tmp_path / "stitched")]) == 0
     assert same_weights(weights(tmp_path / "late"), weights(tmp_path / "stitched"))
     rows = read_jsonl(tmp_path / "late" / "metrics.jsonl")
