@@ -140,8 +140,8 @@ def check_output_file(path, option="--out", example="curves.png", own=(), format
 def check_place(path, option, own=(), folder=False):
     """`path` (a file to be written, or a `folder` to write into) lies neither inside a run folder other
     than `own` (the runs the tool reads), nor inside a run folder a live run holds, nor inside a data set's
-    folder. OutputError otherwise."""
-    where = path if folder else path.parent
+    folder (a file that is a link: where the link leads). OutputError otherwise."""
+    where = path if folder else Path(os.path.realpath(path)).parent
     inside = enclosing_run(where)
     if inside is not None and inside not in {Path(os.path.realpath(r)) for r in own}:
         raise OutputError(f"{option} {path} is inside run folder {inside}, which this command does not read; "
@@ -181,13 +181,17 @@ def check_output_folder(path, names, option="--out", own=()):
 
 def writable(path):
     """Whether a file can be written at `path` (an existing file: opened for appending, unchanged) or in
-    it (a folder: a temporary file created there and removed), tried for real: permission bits say
-    nothing to root, nor about a read-only mount or /proc."""
+    it (a folder: a temporary file created there and removed, and the folder's modification time put
+    back), tried for real: permission bits say nothing to root, nor about a read-only mount or /proc."""
     import tempfile
+    if not os.access(path, os.W_OK):
+        return False
     try:
         if Path(path).is_dir():
+            times = os.stat(path)
             with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
                 pass
+            os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))  # a refusal after the probe leaves no trace
         else:
             with open(path, "ab"):
                 pass

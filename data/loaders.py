@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from data.augment import AUGMENTATIONS, Normaliser, channel_stats, mixup, mixup_weight, pad_batch, pad_images, \
     per_image_transform, random_crop_flip
 from data.autoaugment import autoaugment
-from data.splits import make_splits
+from data.splits import make_splits, sizes
 from engine.stopping import ignore_stop_signals
 
 LOADERS = ("auto", "device", "workers")
@@ -167,10 +167,8 @@ def build_loaders(data, *, augment, batch_size, device, seed=0, loader="auto", w
     torchvision_aa = augment.startswith("autoaugment") and autoaugment_policy == "torchvision"
     if loader == "device" and torchvision_aa:
         raise ValueError("torchvision's AutoAugment runs in DataLoader workers; use --loader workers (or auto)")
+    sizes(len(data.train_labels), subset, val_split, batch_size)
     splits = make_splits(data, subset, val_split, label_noise, seed, noise_rule)
-    if len(splits.train_labels) < batch_size:
-        raise ValueError(f"batch size {batch_size} is larger than the {len(splits.train_labels)} training "
-                         f"images; lower --batch-size or raise --subset")
     mean, std = channel_stats(splits.train_images)
     if relabel is not None:
         splits.train_labels = np.asarray(relabel(splits.train_images, splits.train_labels, mean, std), dtype=np.int64)

@@ -25,6 +25,24 @@ class Splits:
     num_classes: int
 
 
+def sizes(images, subset=0, val_split=0.0, batch_size=None):
+    """(training images, validation images) that `subset` and `val_split` leave of `images` training
+    images; ValueError naming the fix when either is empty or smaller than one `batch_size`."""
+    if subset > images:
+        raise ValueError(f"--subset {subset} is more than the {images} training images; use at most "
+                         f"{images}, or 0 for all")
+    images = subset or images
+    keep = images - round(val_split * images)
+    if val_split and (keep == images or keep == 0):
+        raise ValueError(f"--val-split {val_split} of {images} training images leaves "
+                         f"{'no validation' if keep else 'no training'} image; use a fraction that holds out "
+                         f"at least one image and keeps at least one")
+    if batch_size is not None and keep < batch_size:
+        raise ValueError(f"batch size {batch_size} is larger than the {keep} training images; lower --batch-size "
+                         f"{'or raise --subset' if subset else 'or --val-split' if val_split else ''}".rstrip())
+    return keep, images - keep
+
+
 def make_splits(data, subset=0, val_split=0.0, label_noise=0.0, seed=0, noise_rule="uniform"):
     """subset: first N training and first N test images (0 = all). val_split: the fraction of
     training images held out: the last ones, as the official code holds out train[45000:] (the
@@ -32,18 +50,11 @@ def make_splits(data, subset=0, val_split=0.0, label_noise=0.0, seed=0, noise_ru
     labels' rule `noise_rule` (above), drawn with `seed`; validation and test labels stay clean."""
     train_x, train_y = data.train_images, data.train_labels
     test_x, test_y = data.test_images, data.test_labels
-    if subset > len(train_y):
-        raise ValueError(f"--subset {subset} is more than the {len(train_y)} training images; use at most "
-                         f"{len(train_y)}, or 0 for all")
+    keep, held = sizes(len(train_y), subset, val_split)
     if subset:
         train_x, train_y, test_x, test_y = train_x[:subset], train_y[:subset], test_x[:subset], test_y[:subset]
     eval_sets = {"test": (test_x, test_y)}
-    if val_split:
-        keep = len(train_y) - round(val_split * len(train_y))
-        if keep == len(train_y) or keep == 0:
-            raise ValueError(f"--val-split {val_split} of {len(train_y)} training images leaves "
-                             f"{'no validation' if keep else 'no training'} image; use a fraction that holds out "
-                             f"at least one image and keeps at least one")
+    if held:
         eval_sets["val"] = (train_x[keep:], train_y[keep:])
         train_x, train_y = train_x[:keep], train_y[:keep]
     if label_noise:

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.splits import sizes
 from data.cifar import RELEASES, check_files, is_data_folder, load_cifar, resolve_data_dir
 from engine import checkpoint
 from engine.config import ConfigError, m_sharpness_error
@@ -76,8 +77,12 @@ def check(parsed):
     check_files(r.config["dataset"], r.config["data_dir"], r.config["download"])
     folder = resolve_data_dir(r.config["data_dir"])
     if (folder / RELEASES[r.config["dataset"]][0].base_folder).is_dir():  # else --download fetches it
-        fingerprint = read_data(r.config["dataset"], str(folder)).fingerprint  # every file read and validated
-        check_data(r.state, fingerprint, folder)
+        data = read_data(r.config["dataset"], str(folder))  # every file read and validated
+        check_data(r.state, data.fingerprint, folder)
+        try:  # the splits training would build, from the same arithmetic
+            sizes(len(data.train_labels), r.config["subset"], r.config["val_split"], r.config["batch_size"])
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if r.config["relabel_from"]:
         relabel_source(r.config)
     return f"{r.run_dir} ({'resumes at step ' + str(r.state['step']) if r.state else 'a new run'})"

@@ -20,9 +20,13 @@ from test_attack import TRAIN, box, fill, tree  # noqa: F401 (box: the sandbox f
 BOUNDED = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
+def folder_times(root):
+    return {p: p.stat().st_mtime_ns for p in [root, *root.rglob("*")] if p.is_dir() and not p.is_symlink()}
+
+
 def contract(box, main, argv, env=None):
     """Run an entry point in-process on a draw: -> its exit code, having checked the contract."""
-    before = tree(box)
+    before, times = tree(box), folder_times(box)
     err = io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
         for key, value in (env or {}).items():
@@ -37,6 +41,7 @@ def contract(box, main, argv, env=None):
     assert code in (0, 2), (code, lines)
     if code == 2:
         assert len([line for line in lines if line.startswith("error: ")]) == 1, lines
+        assert folder_times(box) == times, "a refused command touched a folder (a write probe?)"
     assert tree(box) == before, "the sandbox changed"
     return code
 
@@ -501,7 +506,11 @@ PLACES = st.sampled_from(["another run", "inside another run", "data", "inside d
 
 
 @BOUNDED
-@given(PLACES, st.booleans(), st.sampled_from(["evaluate", "plot", "sharpness", "train", "suite"]), st.booleans())
+@given(PLACES, st.sampled_from([False, True, "file"]), st.sampled_from(["evaluate", "plot", "sharpness", "train", "suite"]),
+       st.booleans())
+@example(place="data", through_link="file", tool="plot", live=False)
+@example(place="inside another run", through_link="file", tool="sharpness", live=False)
+@example(place="the run itself", through_link="file", tool="evaluate", live=True)
 @example(place="beside the data", through_link=False, tool="sharpness", live=False)
 @example(place="inside data", through_link=True, tool="evaluate", live=False)
 @example(place="inside another run", through_link=False, tool="plot", live=False)
@@ -513,7 +522,8 @@ def test_outputs_never_land_in_another_runs_folder_or_a_data_folder(box, tmp_pat
     """Where a tool's output may go: its own run's folder (unless a live run holds it: `live`), a folder
     beside the data, anywhere else; not a run folder it does not read (nor any folder inside one), not a
     data set's folder (nor inside one), also when the path goes through a link. Refused in one line, before
-    anything is written or probed (no folder's modification time changes). train.py's run folder is its
+    anything is written or probed (no folder's modification time changes); a link is where it leads, be it
+    the folder (`through_link` True) or the output file itself ("file"). train.py's run folder is its
     output (--check: resolved only); the suite is only tried where it must refuse (else it would run)."""
     import plot
     import sharpness
@@ -522,6 +532,7 @@ def test_outputs_never_land_in_another_runs_folder_or_a_data_folder(box, tmp_pat
     allowed = place in ("beside the data", "elsewhere") or (place == "the run itself" and tool not in ("train", "suite")
                                                             and not live)
     assume(tool != "suite" or not allowed)
+    assume(through_link != "file" or tool not in ("train", "suite"))  # their outputs are folders they create
     root = tmp_path_factory.mktemp("places")
     shutil.copytree(box / "runs" / "done", root / "runs" / "done")
     shutil.copytree(box / "runs" / "half", root / "runs" / "other")
@@ -533,12 +544,17 @@ def test_outputs_never_land_in_another_runs_folder_or_a_data_folder(box, tmp_pat
               "data": root / "data" / "cifar-10-batches-py", "inside data": root / "data" / "cifar-10-batches-py" / "sub",
               "beside the data": root / "data", "the run itself": root / "runs" / "done",
               "elsewhere": root / "elsewhere"}[place]
-    if through_link:
+    names = {"evaluate": ["e.json"], "plot": ["c.png"], "sharpness": ["sharpness.json", "sharpness.png"]}.get(tool, [])
+    if through_link == "file":  # the output's own name is a link to where it would land
+        (root / "links").mkdir()
+        for name in names:
+            os.symlink(folder / name, root / "links" / name)
+    elif through_link:
         os.symlink(folder, root / "link")
-        folder = root / "link"
+    target, folder = folder, {"file": root / "links", True: root / "link"}.get(through_link, folder)
     lock = checkpoint.RunLock(root / "runs" / "done").acquire() if live else None
     before = hashes(root)
-    times = {p: p.stat().st_mtime_ns for p in [root, *root.rglob("*")] if p.is_dir() and not p.is_symlink()}
+    times = folder_times(root)
     run = str(root / "runs" / "done")
     if tool == "train":
         main, argv, written = train.main, ["--check", *fill(TRAIN, box), "--out-dir", str(folder)], []
@@ -561,11 +577,15 @@ def test_outputs_never_land_in_another_runs_folder_or_a_data_folder(box, tmp_pat
     after = hashes(root)
     new = {p for p in after if p not in before}
     if allowed:
-        real = Path(os.path.realpath(folder)).relative_to(root)
-        assert {real / name for name in written} <= new and {p for p, h in before.items() if after.get(p) != h} == set()
+        real = Path(os.path.realpath(target)).relative_to(root)
+        links = {Path("links") / name for name in names} if through_link == "file" else set()
+        # a file written through its link lands where the link leads, or replaces the link (an atomic write)
+        assert all(real / name in new or Path("links") / name in links and not after[Path("links") / name].startswith(
+            "link:") for name in written), (new, after)
+        assert {p for p, h in before.items() if after.get(p) != h} <= links
     else:
         assert after == before
-        assert {p: p.stat().st_mtime_ns for p in times} == times, "a refused output's folder was touched"
+        assert folder_times(root) == times, "a refused output's folder was touched"
 
 
 NUMBER_TEXT = st.text(st.one_of(st.characters(whitelist_categories=("Nd", "No", "Zs")), st.sampled_from(list("+-_.e 0123456789"))),
@@ -589,3 +609,65 @@ def test_a_number_flag_is_read_as_a_person_reads_it_or_refused(text, option):
     key = option[2:]
     assert re.fullmatch(r"\s*[-+]?[0-9.eE+-]+\s*", text), (text, config[key])
     assert config[key] == (int if key != "lr" else float)(text.strip())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from([0, 1, 20, 32, 33, 100, 199, 200, 201, 60000]),
+       st.one_of(st.just(0.0), st.sampled_from([0.001, 0.004, 0.5, 0.9, 0.99, 0.999]), st.floats(0.0001, 0.9999)),
+       st.sampled_from([1, 2, 16, 32, 64, 160, 200, 256]))
+@example(subset=0, val_split=0.001, batch_size=32)
+@example(subset=0, val_split=0.9, batch_size=32)
+@example(subset=60000, val_split=0.0, batch_size=32)
+def test_check_refuses_exactly_the_splits_training_refuses(box, subset, val_split, batch_size):
+    """--check (and so every sweep's check before any run starts) passes a --subset/--val-split/
+    --batch-size exactly when training builds its loaders from them."""
+    from engine import preflight
+    from engine.config import ConfigError, parse_config
+    argv = [*fill(TRAIN, box), "--name", "splits", "--subset", str(subset), "--val-split", repr(val_split),
+            "--batch-size", str(batch_size), "--m-sharpness", "0"]
+    try:
+        parsed = parse_config(argv)
+    except ConfigError:
+        return  # refused by the settings alone: both refuse
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            preflight.check(parsed)
+        checked = True
+    except ConfigError:
+        checked = False
+    r = preflight.resolve(parsed)
+    data = preflight.read_data(r.config["dataset"], str(box / "data"))
+    try:
+        train.data_loaders(r.config, data, r.runtime)
+        trains = True
+    except ConfigError:
+        trains = False
+    assert checked == trains, (subset, val_split, batch_size, checked, trains)
+
+
+REFUSED_WITH_AN_OUTPUT = {  # a tool given a good output place and one bad input: (tool, its other arguments)
+    "evaluate": [["{done}", "--split", "val"], ["{done}", "--batch-size", "0"], ["{box}/nowhere"],
+                 ["{done}", "--data-dir", "{box}/nowhere"], ["{done}", "--device", "tpu"]],
+    "sharpness": [["{done}", "--batches", "0"], ["{done}", "--m-sharpness", "7"], ["{box}/nowhere"],
+                  ["{done}", "--device", "tpu"], ["{done}", "--hessian", "-1"]],
+    "plot": [["{box}/nowhere"], ["{box}/data"]],
+}
+
+
+@BOUNDED
+@given(st.sampled_from([(tool, args) for tool, cases in REFUSED_WITH_AN_OUTPUT.items() for args in cases]),
+       st.sampled_from(["a file in it", "the folder"]))
+def test_a_command_refused_for_another_reason_never_touches_its_output_place(box, tool_args, how):
+    """The output check may probe a folder for writing; a command refused by any check (before or after it)
+    leaves the folder as it was: no file, no changed modification time (contract() checks both)."""
+    import plot
+    import sharpness
+    tool, args = tool_args
+    out = box / "outs" / f"{tool}-{len(list((box / 'outs').glob('*'))) if (box / 'outs').is_dir() else 0}"
+    out.mkdir(parents=True)
+    name = {"evaluate": "e.json", "plot": "c.png", "sharpness": ""}[tool]
+    place = str(out / name) if name else str(out)
+    main, flag = {"evaluate": (evaluate.main, "--json"), "plot": (plot.main, "--out"),
+                  "sharpness": (sharpness.main, "--out")}[tool]
+    argv = [*fill(args, box), flag, place] if how == "a file in it" else [flag, place, *fill(args, box)]
+    assert contract(box, main, argv) == 2, argv
