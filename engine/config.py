@@ -207,6 +207,13 @@ class OneLineParser(argparse.ArgumentParser):
         self.register("type", float, _ascii_number(float, r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)(e[-+]?[0-9]+)?|"
                                                           r"[-+]?(inf|infinity|nan)"))
 
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        for token in args[:args.index("--") if "--" in args else None]:  # argparse drops the value of `--seed=--`
+            if token.startswith("-") and token.partition("=")[2] == "--":
+                self.error(f"argument {token.partition('=')[0]}: expected one argument, got '--'")
+        return super().parse_known_args(args, namespace)
+
     def error(self, message):
         sys.exit(refuse(f"{message} (see {self.prog} --help)"))
 

@@ -597,6 +597,7 @@ NUMBER_TEXT = st.text(st.one_of(st.characters(whitelist_categories=("Nd", "No", 
 @example("１２", "--seed")
 @example("1_0", "--seed")
 @example("٠.١", "--lr")
+@example("--", "--seed")  # argparse reads `--seed=--` as no value, an empty list
 def test_a_number_flag_is_read_as_a_person_reads_it_or_refused(text, option):
     """Python's int() and float() read '１２' as 12 and '1_0' as 10; a flag is read only when it is
     written with the ASCII digits (as YAML files are), and then as those digits say."""
@@ -671,3 +672,30 @@ def test_a_command_refused_for_another_reason_never_touches_its_output_place(box
                   "sharpness": (sharpness.main, "--out")}[tool]
     argv = [*fill(args, box), flag, place] if how == "a file in it" else [flag, place, *fill(args, box)]
     assert contract(box, main, argv) == 2, argv
+
+
+OPTION_KINDS = {"int": dict(type=int), "float": dict(type=float), "text": {}, "choice": dict(choices=["a", "b"]),
+                "optional": dict(nargs="?", const="auto")}  # every kind of option the entry points declare
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(sorted(OPTION_KINDS)), st.one_of(st.sampled_from(["--", "-", "-1", "=", "", " ", "nan", "a"]),
+                                                       st.text(max_size=6)), st.booleans())
+@example("int", "--", True)
+@example("optional", "--", True)
+def test_every_parser_reads_an_option_as_its_type_or_refuses_in_one_line(kind, text, joined):
+    """OneLineParser, the parser of every entry point: `--x=V` or `--x V` gives a value of the option's
+    type (argparse alone gives [] for `--x=--`), or one `error:` line and exit 2."""
+    from engine.config import OneLineParser
+    parser = OneLineParser(prog="tool")
+    parser.add_argument("--x", **OPTION_KINDS[kind])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            value = parser.parse_args([f"--x={text}"] if joined else ["--x", text]).x
+        except SystemExit as e:
+            assert e.code == 2 and err.getvalue().startswith("error: ") and err.getvalue().count("\n") == 1, \
+                err.getvalue()
+            return
+    assert isinstance(value, {"int": int, "float": float}.get(kind, str)), value
+    assert kind != "choice" or value in ("a", "b")
