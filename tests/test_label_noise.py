@@ -149,8 +149,10 @@ def test_bad_label_noise_settings(tiny_data, tmp_path, capsys, args, message):
     assert not (tmp_path / "runs").exists()
 
 
-def test_table4_dry_run_lists_every_cell_and_bootstraps_from_stage_one(tiny_data):
-    """table4.sh checks every run before any starts, data files included: $SAM_DATA_DIR holds some."""
+def test_table4_dry_run_lists_every_cell_and_bootstraps_from_stage_one(tmp_path):
+    """table4.sh checks every run before any starts, data files included: $SAM_DATA_DIR holds some
+    (300 training images: the paper's batch of 256 fits)."""
+    tiny_data = write_cifar10(tmp_path / "data", per_batch=60)
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
            "CUDA_VISIBLE_DEVICES": "", "SAM_DATA_DIR": str(tiny_data)}
     result = subprocess.run(["bash", "scripts/table4.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True,

@@ -24,8 +24,9 @@ TINY = ["--model", "wrn10_1", "--batch-size", "32", "--epochs", "1", "--device",
 
 @pytest.fixture(scope="module", autouse=True)
 def data_for_the_checks(tmp_path_factory):
-    """The scripts check every run before any starts, data files included: $SAM_DATA_DIR holds some."""
-    folder = write_cifar10(tmp_path_factory.mktemp("script_data"), per_batch=20)
+    """The scripts check every run before any starts, data files included: $SAM_DATA_DIR holds some,
+    300 training images, so that the paper's batch of 256 fits beside a validation split of 0.1."""
+    folder = write_cifar10(tmp_path_factory.mktemp("script_data"), per_batch=60)
     os.environ["SAM_DATA_DIR"] = str(folder)
     yield folder
     os.environ.pop("SAM_DATA_DIR", None)
