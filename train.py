@@ -16,6 +16,10 @@ the step in flight, checkpoints that step and exits (engine/stopping.py); --resu
 """
 
 import signal
+
+if __name__ == "__main__":  # Ctrl-C while Python imports torch: exit now, no traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import sys
 import time
 from dataclasses import dataclass, field
@@ -150,39 +154,33 @@ def data_loaders(config, data, runtime, dist=Dist(), relabel=None):
 
 def train(run, stopper):
     config, dist = run.config, run.dist
-    stopper.training(config["checkpoint_every_min"], dist.control if dist.enabled else None)
+    stopper.training(config["checkpoint_every_min"], dist.control if dist.enabled else None, interrupted=lambda: (
+        f"\ninterrupted in epoch {run.epoch + 1}, at step {run.step}; {saved_note(run)}. Continue with: "
+        f"python train.py --resume {run.dir}"))  # what a second Ctrl-C says as it ends the process
     tracker = start_tracking(run) if dist.main else None
     run.started, first, first_batch = time.perf_counter(), run.epoch, run.batch
-    if stopper.poll()[0]:  # a signal while starting: no step taken, nothing new to checkpoint
+    if stopper.poll(after_step=False)[0]:  # a signal while starting: no step taken, nothing new to checkpoint
         return stopped(run, tracker, stopper)
-    try:
-        for epoch in range(first, config["epochs"]):
-            epoch_start = time.perf_counter()
-            metrics = train_epoch(run, epoch, tracker, stopper)  # SAM's two passes: run.training.step
-            if metrics is None:
-                return stopped(run, tracker, stopper)            # a signal: that step is checkpointed
-            train_time = time.perf_counter() - epoch_start
-            metrics.update(evaluate(run))                        # test (and val) loss and accuracy
-            if config["sharpness_every"] and (epoch + 1) % config["sharpness_every"] == 0:
-                metrics.update(sharpness(run))
-            if dist.main:
-                done = epoch + 1 - first - first_batch / len(run.train_loader)  # epochs this process trained
-                eta = (time.perf_counter() - run.started) / done * (config["epochs"] - epoch - 1) if done >= 1 else None
-                metrics.update(epoch_time_s=time.perf_counter() - epoch_start, train_time_s=train_time)
-                if run.runtime.device.type == "cuda":
-                    metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(run.runtime.device) / 2**30
-                tracker.log(metrics, run.step, "epoch")
-                print(epoch_line(epoch, config["epochs"], metrics, eta), flush=True)
-            save_checkpoint(run, metrics, stopper)
-            if epoch + 1 < config["epochs"] and stopper.poll()[0]:  # a signal during evaluation
-                return stopped(run, tracker, stopper)
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+    for epoch in range(first, config["epochs"]):
+        epoch_start = time.perf_counter()
+        metrics = train_epoch(run, epoch, tracker, stopper)  # SAM's two passes: run.training.step
+        if metrics is None:
+            return stopped(run, tracker, stopper)            # a signal: that step is checkpointed
+        train_time = time.perf_counter() - epoch_start
+        metrics.update(evaluate(run))                        # test (and val) loss and accuracy
+        if config["sharpness_every"] and (epoch + 1) % config["sharpness_every"] == 0:
+            metrics.update(sharpness(run))
         if dist.main:
-            print(f"\ninterrupted in epoch {run.epoch + 1}, at step {run.step}; {saved_note(run)}. Continue "
-                  f"with: python train.py --resume {run.dir}", file=sys.stderr)
-            tracker.finish(exit_code=130)
-        return exit_code(signal.SIGINT)
-
+            done = epoch + 1 - first - first_batch / len(run.train_loader)  # epochs this process trained
+            eta = (time.perf_counter() - run.started) / done * (config["epochs"] - epoch - 1) if done >= 1 else None
+            metrics.update(epoch_time_s=time.perf_counter() - epoch_start, train_time_s=train_time)
+            if run.runtime.device.type == "cuda":
+                metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(run.runtime.device) / 2**30
+            tracker.log(metrics, run.step, "epoch")
+            print(epoch_line(epoch, config["epochs"], metrics, eta), flush=True)
+        save_checkpoint(run, metrics, stopper)
+        if epoch + 1 < config["epochs"] and stopper.poll(after_step=False)[0]:  # a signal during evaluation
+            return stopped(run, tracker, stopper)
     if dist.enabled:
         digests = replica_digests(run.training.model, dist)
         torch.distributed.destroy_process_group()

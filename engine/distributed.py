@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -9,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import ConfigError
+from engine.stopping import say
 
 JOIN_S = 600  # how long the processes of a world wait for each other, and any collective (NCCL's default)
 
@@ -37,12 +39,19 @@ def init_distributed(device_type):
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
+    waiting = threading.Timer(10, say, [f"process {rank} of $WORLD_SIZE={world_size}: waiting for the others at "
+                                        f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} (at most "
+                                        f"{JOIN_S} s); start them together with torchrun, or unset WORLD_SIZE"])
+    waiting.daemon = True
+    waiting.start()  # said only when the others are late: a torchrun world meets at once
     try:  # a process started by hand with WORLD_SIZE > 1 and no peers: an error after JOIN_S, not a 30-minute hang
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(seconds=JOIN_S))
     except (RuntimeError, dist.DistError) as e:
         first = (str(e).strip().splitlines() or ["-"])[0][:160]
         raise ConfigError(f"the {world_size} processes of $WORLD_SIZE did not all meet at $MASTER_ADDR:$MASTER_PORT "
                           f"within {JOIN_S} s ({type(e).__name__}: {first}); start them together, with torchrun") from None
+    finally:
+        waiting.cancel()
     control = dist.new_group(backend="gloo") if device_type == "cuda" else dist.group.WORLD
     return Dist(rank, local_rank, world_size, control)
 

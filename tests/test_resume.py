@@ -14,10 +14,11 @@ import time
 
 import pytest
 import torch
-import yaml
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import train
-from conftest import REPO, write_cifar10
+from conftest import REPO, without_wandb_service, write_cifar10
+from engine.stopping import STOP_SIGNALS
 from test_train import TINY, read_jsonl, run_cli, start_cli, wait_for_step
 
 TIMING = ("images_per_s", "epoch_time_s", "train_time_s")
@@ -97,15 +98,98 @@ def test_a_signal_checkpoints_the_step_in_flight_and_the_resumed_run_is_bitwise_
     assert_same_run(tmp_path / "whole", tmp_path / "split")
 
 
-def test_ctrl_c_checkpoints_too_and_a_second_one_stops_at_once(tiny_data, tmp_path, monkeypatch, capsys):
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(STOP_SIGNALS), st.integers(1, 11))
+@example(signal.SIGQUIT, 4)
+@example(signal.SIGXCPU, 9)
+@example(signal.SIGRTMIN + 3, 6)
+def test_any_stop_signal_checkpoints_the_step_in_flight_and_the_run_resumes_bitwise(tiny_data, tmp_path_factory,
+                                                                                    signum, stop_at):
+    """Whichever signal of those another process may send (Ctrl-\\, a CPU-time limit, a real-time signal,
+    ...), at whichever step: that step is checkpointed, the exit code is the documented one, and the
+    resumed run ends as the run never stopped."""
+    from engine.stopping import exit_code
+    out = tmp_path_factory.mktemp("signal")
+    args = common(tiny_data, out, "--epochs", "2", "--log-every", "4")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "project", lambda run: None)
+        assert train.main([*args, "--name", "whole"]) == 0
+        signal_at(mp, {stop_at}, signum)
+        assert train.main([*args, "--name", "split"]) == exit_code(signum)
+    assert torch.load(out / "split" / "last.pt", weights_only=True)["step"] == stop_at
+    assert train.main(["--resume", str(out / "split")]) == 0
+    assert_same_run(out / "whole", out / "split")
+
+
+def test_ctrl_c_checkpoints_too(tiny_data, tmp_path, monkeypatch):
     args = common(tiny_data, tmp_path, "--epochs", "3", "--name", "c")
     signal_at(monkeypatch, {4}, signal.SIGINT)
     assert train.main(args) == 130
     assert torch.load(tmp_path / "c" / "last.pt", weights_only=True)["step"] == 4
-    calls = signal_at(monkeypatch, {1: 2}, signal.SIGINT)  # two Ctrl-C as the first step starts
-    assert train.main(["--resume", str(tmp_path / "c")]) == 130
-    assert calls["n"] == 1 and "interrupted in epoch 1, at step 4" in capsys.readouterr().err
-    assert torch.load(tmp_path / "c" / "last.pt", weights_only=True)["step"] == 4  # intact, not half-written
+
+
+LONG_STEP = """
+import os, sys, threading, time, torch, engine.step, train
+real, calls = engine.step.TrainStep.__call__, [0]
+def step(self, images, labels, sam=None):
+    calls[0] += 1
+    if calls[0] == 8:  # a step of epoch 2 that is one long call into torch, as a WRN's backward on a CPU:
+        done = torch.futures.Future()  # its wait() lets no Python signal handler run until it returns
+        def release():  # the call returns when the test says so (or after two minutes: a hang guard)
+            time.sleep(1)  # the main thread is in the call by now
+            print("long call", file=sys.stderr, flush=True)
+            for _ in range(600):
+                if os.path.exists(os.environ["RELEASE"]):
+                    break
+                time.sleep(0.2)
+            print("released by " + ("the test" if os.path.exists(os.environ["RELEASE"]) else "the guard"),
+                  file=sys.stderr, flush=True)
+            done.set_result(None)
+        threading.Thread(target=release, daemon=True).start()
+        done.wait()
+        print("long call returned", file=sys.stderr, flush=True)
+    return real(self, images, labels, sam)
+engine.step.TrainStep.__call__ = step
+train.project = lambda run: None
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_is_answered_at_once_inside_a_long_call_and_a_second_one_stops_now(tiny_data, tmp_path, presses):
+    """Python runs a signal handler only between bytecodes; the answer to Ctrl-C comes while a long call
+    into torch has not returned (it returns only once the test has read the answer: no clock). One press:
+    the step ends and is checkpointed; a second: the process ends now, epoch 1's checkpoint intact, and
+    the run resumes."""
+    run, release = tmp_path / "c", tmp_path / "release"
+    proc = subprocess.Popen([sys.executable, "-c", LONG_STEP, *common(tiny_data, tmp_path, "--epochs", "2",
+                            "--name", "c")], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**without_wandb_service(os.environ), "WANDB_SILENT": "true", "RELEASE": str(release)})
+    lines = []  # tqdm's bar ends in a carriage return, not a line: the markers may follow it
+    while not lines or not lines[-1].endswith("long call"):
+        lines.append(proc.stderr.readline().rstrip("\n"))
+        assert lines[-1] or proc.poll() is None, lines
+    for press in range(presses):
+        proc.send_signal(signal.SIGINT)
+        while not lines[-1].startswith("SIGINT: stopping after the step in flight" if press == 0 else "interrupted"):
+            lines.append(proc.stderr.readline().rstrip("\n"))
+            assert not lines[-1].endswith("long call returned"), lines  # the answer came only after the call
+            assert lines[-1] or proc.poll() is None, lines
+    release.touch()  # the long call may return now
+    lines += proc.stderr.read().splitlines()
+    assert proc.wait(timeout=300) == 130 and not any("Traceback" in line for line in lines), lines
+    assert "(the first step is under way)" not in lines[-2] or presses == 2  # a step of epoch 2: its pace is known
+    if presses == 1:
+        assert "released by the test" in lines and any(line.endswith("long call returned") for line in lines), lines
+        assert lines[-1].startswith("stopped by SIGINT after step 8"), lines
+        assert torch.load(run / "last.pt", weights_only=True)["step"] == 8
+    else:
+        assert not any(line.endswith("long call returned") for line in lines), lines
+        assert lines[-1] == (f"interrupted in epoch 2, at step 7; the last good checkpoint {run / 'last.pt'} is "
+                             f"intact. Continue with: python train.py --resume {run}"), lines
+        assert torch.load(run / "last.pt", weights_only=True)["step"] == 6  # epoch 1's, whole
+    assert train.main(["--resume", str(run)]) == 0
 
 
 @pytest.mark.slow
