@@ -49,11 +49,15 @@ def plain(axis):
 
 def plain_log_formatter():
     """matplotlib's LogFormatter (it thins the minor labels to what fits), with every label a plain
-    number: 0.01, 0.2, 1, 30 (its own writes 1e-02)."""
+    number: 0.01, 0.2, 1, 30 (its own writes 1e-02); on an axis reaching below 0.001 or to 10^4 and
+    beyond, every label in one short scientific form (1e-6, 3e-4, 1e-2), never the two mixed."""
     from matplotlib.ticker import LogFormatter
 
     class PlainLog(LogFormatter):
         def _num_to_string(self, x, vmin, vmax):
+            if min(vmin, vmax) < 1e-3 or max(vmin, vmax) >= 1e4:
+                mantissa, exponent = f"{x:.0e}".split("e")
+                return f"{mantissa}e{int(exponent)}"
             return f"{x:.3g}"
 
     return PlainLog(labelOnlyBase=False)
@@ -153,6 +157,22 @@ def check_place(path, option, own=(), folder=False):
     if data is not None:
         raise OutputError(f"{option} {path} is inside data folder {data}, which no tool writes into; "
                           f"choose a path outside it")
+
+
+ENVIRONMENT_PLACES = ("WANDB_DIR", "TMPDIR")  # folders the environment names for W&B's files, temporary files
+
+
+def check_environment_places():
+    """The folders that environment variables name for a tool's files are places a tool may write (as
+    check_place): never inside a run folder or a data set's folder. OutputError otherwise."""
+    for name in ENVIRONMENT_PLACES:
+        value = os.environ.get(name)
+        if value is None:
+            continue
+        if not value.strip() or (Path(value).exists() and not Path(value).is_dir()):
+            raise OutputError(f"${name} {value!r} is {'empty' if not value.strip() else 'not a folder'}; unset it, "
+                              f"or name a folder")
+        check_place(Path(value), f"${name}", folder=True)
 
 
 def check_output_folder(path, names, option="--out", own=()):

@@ -3,6 +3,7 @@ checksums, and download it on request with torchvision's own downloader."""
 
 import os
 import pickle
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,10 +95,18 @@ def load_cifar(dataset, data_dir=None, download=False):
     root = resolve_data_dir(data_dir)
     folder = root / release.base_folder
     if download and not folder.is_dir():
+        made = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)  # the first folder made
+        archive, had_archive = root / release.filename, (root / release.filename).exists()
         try:
             root.mkdir(parents=True, exist_ok=True)
             download_and_extract_archive(release.url, str(root), filename=release.filename, md5=release.tgz_md5)
         except (OSError, RuntimeError) as e:  # no network, bad archive, MD5 mismatch (URLError is an OSError)
+            if made is not None:  # a failed download leaves nothing behind
+                shutil.rmtree(made, ignore_errors=True)
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+                if not had_archive:
+                    archive.unlink(missing_ok=True)
             raise DataError(f"downloading {release.url} into {root} failed ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else 'no detail'}); check the network, or "
                             f"place {release.base_folder}/ in --data-dir yourself") from None

@@ -10,6 +10,8 @@ import pickle
 import random
 import shutil
 import socket
+import stat
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import torch
 import yaml
 
 from data.cifar import RELEASES
-from engine.config import ConfigError, defaults, model_options, read
+from engine.config import SETTINGS, ConfigError, defaults, model_options, read, setting_value
 from models import build_model
 
 LOCK = ".lock"
@@ -26,19 +28,26 @@ LOCK = ".lock"
 # scaler, rng, epoch, batch, step, partial), what the run reports (sam_steps, best, metrics, wall_time),
 # what proves the file is this run's, on this run's data, and whole (config, run_id, data_md5, digest).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "results.json", ".lock", "stdout.log")  # a run folder's own
+RUN_FOLDERS = ("wandb", "slurm")  # W&B's files, and submitit's
+
+UMASK = os.umask(0o022)
+os.umask(UMASK)
 
 KEYS = {"model", "optimizer", "scaler", "rng", "epoch", "batch", "step", "partial", "sam_steps", "best", "metrics",
         "wall_time", "config", "run_id", "data_md5", "digest"}
 
 
 def atomic_write(path, data):
-    """Write bytes to a temporary file, fsync, then rename it over `path`: a crash at any moment
-    leaves either the old file or the new one, never a torn one. A full disk raises OSError(ENOSPC)
-    with `needed` (the bytes it was writing) and leaves no partial file behind."""
+    """Write bytes to a new temporary file beside `path` (created, never opened through a link that
+    lies in wait), fsync, then rename it over `path`: a crash at any moment leaves either the old file
+    or the new one, never a torn one. A full disk raises OSError(ENOSPC) with `needed` (the bytes it
+    was writing) and leaves no partial file behind."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp)
     try:
-        with open(tmp, "wb") as f:
+        os.fchmod(fd, 0o666 & ~UMASK)  # as open() would make it (mkstemp makes it private)
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -99,6 +108,18 @@ def check_belongs(state, earlier, run_dir):
                           f"that run's folder ({found}); put the checkpoint back in its own folder, or start a new run")
 
 
+def folder_run_id(folder):
+    """The run id that a run folder's config.yaml names (None: no config.yaml; "" : one without an id)."""
+    path = Path(folder) / "config.yaml"
+    if not path.exists():
+        return None
+    try:
+        saved = yaml.safe_load(read(path).decode())
+        return str(saved["meta"]["wandb_id"])
+    except Exception:  # unreadable, not a mapping, no meta: it names no run
+        return ""
+
+
 def disk_full(error):
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
@@ -128,9 +149,10 @@ def find(path):
     return path / "last.pt" if path.is_dir() else path
 
 
-def load(path):
-    """A checkpoint written by train.py, or ValueError with a one-line reason. Memory-mapped: reading
-    its settings costs nothing; tensors are read when used."""
+def load(path, in_its_folder=True):
+    """A checkpoint written by train.py, whole, with settings this code can build, and (`in_its_folder`)
+    the run of the folder it lies in, when that is a run folder; else ValueError with a one-line reason.
+    Memory-mapped: reading its settings costs nothing; tensors are read when used."""
     if not Path(path).is_file():
         raise ValueError(f"{path} is not a readable train.py checkpoint (no such file)")
     try:
@@ -145,6 +167,18 @@ def load(path):
         raise ValueError(f"{path} is not a train.py checkpoint of this version (it lacks {', '.join(missing)})")
     if digest({k: v for k, v in state.items() if k != "digest"}) != state["digest"]:
         raise ValueError(f"{path} is damaged (its contents do not match the digest it was saved with)")
+    if not isinstance(state["config"], dict):
+        raise ValueError(f"{path} holds no settings (its config is a {type(state['config']).__name__})")
+    try:  # settings this code can build: a value of a newer version (or a hand-sealed file) is refused here
+        state["config"] = {k: setting_value(k, v, f"in {path}") if k in SETTINGS else v
+                           for k, v in state["config"].items()}
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+    theirs = folder_run_id(Path(path).parent) if in_its_folder else None  # in a run folder: that run's
+    if theirs is not None and theirs != str(state["run_id"]):
+        raise ValueError(f"{path} is the checkpoint of run {state['run_id']}, but its folder's config.yaml "
+                         f"names {'run ' + theirs if theirs else 'no run'}: it is not this folder's run; put it "
+                         f"back in its own folder")
     return state
 
 
@@ -196,15 +230,19 @@ class RunLock:
     def acquire(self):
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self.fds = [_lock(os.open(self.dir, os.O_RDONLY), fcntl.LOCK_EX, optional=True),
-                        _lock(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), fcntl.LOCK_EX)]
+            self.fds = [_lock(os.open(self.dir, os.O_RDONLY), fcntl.LOCK_EX, optional=True)]
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)  # never through a link
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise OSError(errno.EINVAL, "not a regular file", str(self.path))
+            self.fds.append(_lock(fd, fcntl.LOCK_EX))  # closes fd when another process holds it
         except BlockingIOError:
             self.release()
             raise ConfigError(in_use(self.dir)) from None
-        except OSError as e:  # the folder cannot be made, or .lock is a folder
+        except OSError as e:  # the folder cannot be made, or .lock is a folder, a link or a named pipe
             self.release()
             raise ConfigError(f"cannot create and lock run folder {self.dir} ({e.strerror}: {e.filename}); choose "
-                              f"another --out-dir, or move a .lock that is not a file away") from None
+                              f"another --out-dir, or move a .lock that is not a regular file away") from None
         note = self.fds[-1]
         os.ftruncate(note, 0)
         os.write(note, f"process {os.getpid()} on {socket.gethostname()} since "
@@ -237,15 +275,18 @@ def _lock(fd, how, optional=False):
 def holder(run_dir):
     """Who holds the run folder's lock (its line in .lock), or None when no live process does."""
     for path in (Path(run_dir), Path(run_dir) / LOCK):
-        try:
-            fd = os.open(path, os.O_RDONLY)
+        try:  # a .lock that is a link or a named pipe is nobody's lock (and must not block this reader)
+            fd = os.open(path, os.O_RDONLY | (os.O_NOFOLLOW | os.O_NONBLOCK if path.name == LOCK else 0))
         except OSError:
+            continue
+        if path.name == LOCK and not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
             continue
         try:
             got = _lock(fd, fcntl.LOCK_SH, optional=True)
         except BlockingIOError:
             try:
-                return (Path(run_dir) / LOCK).read_text(errors="replace").strip() or "another process"
+                return read(Path(run_dir) / LOCK).decode(errors="replace").strip() or "another process"
             except OSError:
                 return "another process"
         if got is not None:

@@ -2,9 +2,13 @@
 settings, its own data files, its own checkpoint; a command that would change any of them is refused
 in one line, naming what differs."""
 
+import os
 from pathlib import Path
 
 import yaml
+
+from data import load_cifar
+from data.cifar import DATA_DIR_ENV, RELEASES, resolve_data_dir
 
 from engine import checkpoint
 from engine.config import EXPERIMENT, SETTINGS, ConfigError, default_name, defaults, flag, read, validate
@@ -59,18 +63,21 @@ def run_folder(parsed):
     inside = checkpoint.enclosing_run(run_dir.parent)
     if inside is not None:  # runs nested in a run: its records and every tool reading run folders would mix them up
         raise ConfigError(f"{run_dir.parent} is inside run folder {inside}; give an --out-dir that is no run's folder")
-    for name in checkpoint.RUN_FILES:  # a folder, a named pipe or a device where a run keeps a file: refused before anything
-        if (run_dir / name).exists() and not (run_dir / name).is_file():
-            raise ConfigError(f"{run_dir / name} is not a regular file, so it cannot be this run's {name}; move it "
-                              f"away and run again")
+    for name in (*checkpoint.RUN_FILES, *checkpoint.RUN_FOLDERS):  # where a run writes: its own, never a link
+        kept, folder = run_dir / name, name in checkpoint.RUN_FOLDERS
+        if kept.is_symlink() or (kept.exists() and not (kept.is_dir() if folder else kept.is_file())):
+            what = "a link" if kept.is_symlink() else "not a folder" if folder else "not a regular file"
+            raise ConfigError(f"{kept} is {what}, so it cannot be this run's {name} (a run writes only into its own "
+                              f"folder); move it away and run again")
     earlier = read_run_config(run_dir)
-    if parsed.resume is None:
-        if path.exists() and (run_dir / "results.json").is_file():
-            changes = experiment_changes(earlier["config"], config) if earlier else {}
-            what = f"a finished run of other settings ({describe(changes)})" if changes else \
-                "this run, finished: its results are in results.json (or: python evaluate.py RUN)"
-            raise ConfigError(f"run folder {run_dir} holds {what.replace('RUN', str(run_dir))}; give --name for "
-                              f"another run")
+    resume = parsed.resume
+    if resume is None and path.exists() and (run_dir / "results.json").is_file():
+        changes = experiment_changes(earlier["config"], config) if earlier else None
+        if changes or earlier is None:
+            what = f"of other settings ({describe(changes)})" if changes else "without a readable config.yaml"
+            raise ConfigError(f"run folder {run_dir} holds a finished run {what}; give --name for another run")
+        resume = "auto"  # this very run, finished: nothing to do, as with --resume
+    if resume is None:
         if path.exists():
             raise ConfigError(f"run folder {run_dir} already holds a run; pass --resume to continue it "
                               f"or --name for a new run")
@@ -81,7 +88,7 @@ def run_folder(parsed):
 
     if path.is_file():
         try:
-            state = checkpoint.load(path)
+            state = checkpoint.load(path, in_its_folder=False)  # check_belongs says it for --resume
         except ValueError as e:
             raise ConfigError(f"--resume: {e}; pass the last.pt of a run folder") from None
         checkpoint.check_belongs(state, earlier, run_dir)
@@ -97,7 +104,7 @@ def run_folder(parsed):
     else:
         raise ConfigError(f"--resume: no checkpoint at {path}; check --out-dir/--name or pass the run folder "
                           f"(its name changes with the settings: see python train.py --check)")
-    if parsed.resume != "auto":  # --resume PATH names the folder: a --name or --out-dir that says otherwise is refused
+    if resume != "auto":  # --resume PATH names the folder: a --name or --out-dir that says otherwise is refused
         for key, named in (("name", run_dir.name), ("out_dir", str(run_dir.parent))):
             same = config[key] == named if key == "name" else Path(config[key]).resolve() == run_dir.parent.resolve()
             if key in parsed.given and not same:
@@ -113,13 +120,31 @@ def run_folder(parsed):
     return config, run_dir, state, earlier, stamp(path)
 
 
-def check_data(state, fingerprint, folder):
-    """A resumed run trains on the data files it trained on so far (the checksums its checkpoint holds)."""
+def check_data(state, fingerprint, folder, how="point --data-dir at"):
+    """A resumed (or measured) run uses the data files it trained on (the checksums its checkpoint holds)."""
     recorded = state["data_md5"] if state else None
     if recorded is not None and recorded != fingerprint["md5"]:
         differ = sorted(f for f in {*recorded, *fingerprint["md5"]} if recorded.get(f) != fingerprint["md5"].get(f))
         raise ConfigError(f"the data in {folder} is not what this run trained on ({', '.join(differ)} differ from "
-                          f"the checksums in its checkpoint); point --data-dir at the run's data")
+                          f"the checksums in its checkpoint); {how} the run's data")
+
+
+def run_data(config, state, folder=None, how="set $SAM_DATA_DIR to"):
+    """The data set a run trained on, for a tool that reads the run (evaluate.py, sharpness.py): from
+    `folder` when given, else from the folder the run recorded, else (it moved) from $SAM_DATA_DIR; the
+    files the checkpoint's checksums name. ConfigError saying `how` to point at them otherwise."""
+    base = RELEASES[config["dataset"]][0].base_folder
+    if folder is None:
+        recorded = resolve_data_dir(config["data_dir"])
+        folder = recorded if (recorded / base).is_dir() or DATA_DIR_ENV not in os.environ else resolve_data_dir()
+    if not (resolve_data_dir(folder) / base).is_dir():
+        where = "" if resolve_data_dir(folder) == resolve_data_dir(config["data_dir"]) else \
+            f" (this run trained on the data in {config['data_dir']})"
+        raise ConfigError(f"{config['dataset']} is not in {resolve_data_dir(folder)}{where}; if the run's data moved, "
+                          f"{how} the folder that holds {base}/ now")
+    data = load_cifar(config["dataset"], str(folder))
+    check_data(state, data.fingerprint, folder, how)
+    return data
 
 
 def restore(run, state):

@@ -44,6 +44,11 @@ def wandb_mode(flag):
     return "online" if has_wandb_credentials() else "offline"
 
 
+def no_links(path, flags):
+    """An opener for a run's appended files: never through a link (it would write into another's file)."""
+    return os.open(path, flags | os.O_NOFOLLOW)
+
+
 def wandb_dir(run_dir):
     """Where W&B keeps a run's files: $WANDB_DIR when set (W&B's own convention), else the run folder."""
     return Path(os.environ.get("WANDB_DIR") or run_dir)
@@ -72,7 +77,7 @@ class Tracker:
 
     def log(self, metrics, step, kind):
         """kind: "step" or "epoch"."""
-        with open(self.path, "a") as f:
+        with open(self.path, "a", opener=no_links) as f:
             f.write(json.dumps({"step": step, "kind": kind, **metrics}) + "\n")
         if self.run:
             self.run.log(metrics, step=step)

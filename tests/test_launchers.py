@@ -2,7 +2,6 @@
 minus sbatch): jobs run, finished runs are skipped, and a preempted job is requeued and resumes to
 the weights of a run never interrupted."""
 
-import argparse
 import json
 import os
 import shutil

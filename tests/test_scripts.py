@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from conftest import REPO, write_cifar10
-from engine import sweep
+from engine import checkpoint, sweep
 from engine.config import default_name, parse_config
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -150,8 +150,8 @@ def test_a_script_and_a_plain_command_of_one_experiment_share_a_folder():
     ("seeds.sh", ["configs/resnet18_sam.yaml"], {"SEEDS": "abc"}, "run 1 (--config configs/resnet18_sam.yaml --seed abc)"),
     ("seeds.sh", ["configs/resnet18_sam.yaml"], {"SEEDS": "99999999999999999999"}, "seed must be in [0, 4294967295]"),
     ("seeds.sh", ["configs/resnet18_sam.yaml"], {"SEEDS": "1 1"}, "are the same experiment"),
-    ("seeds.sh", ["configs/resnet18_sam.yaml", "--gpus", "0,,1"], {}, "--gpus takes distinct GPU indices"),
-    ("seeds.sh", ["configs/resnet18_sam.yaml", "--gpus", "0,0"], {}, "--gpus takes distinct GPU indices"),
+    ("seeds.sh", ["configs/resnet18_sam.yaml", "--gpus", "0,,1"], {}, "--gpus must name distinct GPUs"),
+    ("seeds.sh", ["configs/resnet18_sam.yaml", "--gpus", "0,0"], {}, "--gpus must name distinct GPUs"),
     ("seeds.sh", ["configs/resnet18_sam.yaml", "--out-dir"], {}, "argument --out-dir: expected one argument"),
     ("seeds.sh", ["configs/resnet18_sam.yaml", "--", "--seed", "3"], {}, "--seed after -- is set by this script"),
     ("seeds.sh", ["configs/resnet18_sam.yaml", "--", "--seed=3"], {}, "--seed after -- is set by this script"),
@@ -228,22 +228,26 @@ def test_queue_checks_every_run_first_reports_failures_skips_finished_and_resume
     assert first.returncode == 2 and first.stdout == ""
     assert first.stderr.startswith(f"error: {seed1}: --resume: ") and "not a readable train.py checkpoint" in first.stderr
     assert [p.name for p in out.iterdir()] == [seed1] and [p.name for p in (out / seed1).iterdir()] == ["last.pt"]
-    # a failure only a run can meet: at its end, results.json cannot be written (a folder where its
-    # temporary file goes)
+    # a failure only a run can meet: once every run is checked, another process takes seed 1's folder
     (out / seed1 / "last.pt").unlink()
-    (out / seed1 / "results.json.tmp").mkdir()
-    second = script("seeds.sh", *args, env_extra={"SEEDS": "0 1"})
-    assert second.returncode == 1
-    assert "finished: 1 run(s), skipped (already finished): 0, failed: 1" in second.stdout
-    assert f"failed: {seed1}" in second.stdout and (out / seed0 / "results.json").is_file()
-    (out / seed1 / "results.json.tmp").rmdir()
+    proc = subprocess.Popen(["bash", "scripts/seeds.sh", *args], cwd=REPO, env=script_env(SEEDS="0 1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith(f"[cpu] start {seed0}")  # checked, seed 1 not started yet
+    lock = checkpoint.RunLock(out / seed1).acquire()
+    stdout, _ = proc.communicate(timeout=600)
+    lock.release()
+    assert proc.returncode == 1
+    assert "finished: 1 run(s), skipped (already finished): 0, failed: 1" in stdout
+    assert f"failed: {seed1}" in stdout and (out / seed0 / "results.json").is_file()
+    assert f"\n    error: run folder {out / seed1} is in use by process {os.getpid()}" in stdout  # what it said
+    (out / seed1 / ".lock").unlink()
     third = script("seeds.sh", *args, env_extra={"SEEDS": "0 1"})
     assert third.returncode == 0, third.stdout + third.stderr
     assert f"skip {seed0} (finished)" in third.stdout
     assert "finished: 1 run(s), skipped (already finished): 1, failed: 0" in third.stdout
     assert (out / seed1 / "results.json").is_file()
     log = (out / seed1 / "stdout.log").read_text()  # the retry kept the failed attempt's log
-    assert log.count("=== ") == 2 and "results.json" in log
+    assert log.count("=== ") == 2 and "is in use by process" in log
     # a plain train.py command of the same experiment finds the sweep's folder, finished
     plain = subprocess.run([sys.executable, "train.py", "--seed", "0", *TINY, "--config", "configs/resnet18_sam.yaml",
                             "--out-dir", str(out), "--data-dir", str(data), "--resume"], cwd=REPO, capture_output=True,

@@ -18,7 +18,7 @@ import pytest
 from conftest import write_cifar10
 from test_resume import assert_same_run
 from test_scripts import data_for_the_checks, folder_of, script  # noqa: F401 (the autouse fixture: data for the checks)
-from test_train import run_cli, wait_for_step
+from test_train import run_cli
 
 
 def _cluster():

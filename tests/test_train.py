@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -309,7 +310,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tiny_dat
     assert "non-finite at step 9" in err and "last.pt is intact" in err
     assert "--precision fp32" not in err  # the run is fp32 already
     state = torch.load(tmp_path / "nan" / "last.pt", weights_only=True)
-    assert state["epoch"] == 1 and not (tmp_path / "nan" / "last.pt.tmp").exists()
+    assert state["epoch"] == 1 and not list((tmp_path / "nan").glob("*.tmp"))
 
 
 def test_non_finite_loss_before_any_checkpoint_says_so(tiny_data, tmp_path, capsys, monkeypatch):
@@ -407,8 +408,10 @@ def test_existing_run_is_never_overwritten(tiny_data, tmp_path, capsys):
     assert train.main(common) == 0
     before = files(tmp_path / "r")
     capsys.readouterr()
-    assert train.main(common) == 2
-    assert "holds this run, finished" in one_line_error(capsys)
+    assert train.main(common) == 0  # the same command again: that run, finished, nothing to do
+    assert f"run {tmp_path / 'r'} is finished (1 of 1 epochs); nothing to do" in capsys.readouterr().out
+    assert train.main([*common, "--seed", "3"]) == 2  # another experiment under that --name: refused
+    assert "holds a finished run of other settings (seed 0 -> 3)" in one_line_error(capsys)
     assert files(tmp_path / "r") == before
 
 
@@ -442,7 +445,7 @@ def full_disk_at(monkeypatch, write):
     real_fsync, seen = os.fsync, {"n": 0}
 
     def fsync(fd):
-        if os.readlink(f"/proc/self/fd/{fd}").endswith("last.pt.tmp"):
+        if re.fullmatch(r"\.last\.pt\..*\.tmp", Path(os.readlink(f"/proc/self/fd/{fd}")).name):  # its temporary file
             seen["n"] += 1
             if seen["n"] == write:
                 raise OSError(errno.ENOSPC, "No space left on device")
@@ -462,7 +465,7 @@ def test_a_full_disk_leaves_no_partial_file_and_the_last_checkpoint_intact(tiny_
     assert re.search(r"No space left on device: the disk holding \S+full has [0-9]+ [KM]iB free, and the write "
                      r"needed [0-9]+ [KM]iB; the last good checkpoint \S+ is intact; free space", line), line
     assert line.endswith(f"then continue with: python train.py --resume {tmp_path / 'full'}")
-    assert not (tmp_path / "full" / "last.pt.tmp").exists()
+    assert [p.name for p in (tmp_path / "full").iterdir() if p.name.endswith(".tmp")] == []
     assert torch.load(tmp_path / "full" / "last.pt", weights_only=True)["epoch"] == 1
     monkeypatch.undo()
     assert train.main(["--resume", str(tmp_path / "full")]) == 0  # space is back: it continues
@@ -477,7 +480,8 @@ def test_a_disk_full_before_the_first_checkpoint_says_to_run_the_command_again(t
     assert main_code(common) == 1
     line = one_line_error(capsys)
     assert "nothing was checkpointed" in line and "--resume" not in line and line.endswith("run the same command again")
-    assert not (tmp_path / "full" / "last.pt").exists() and not (tmp_path / "full" / "last.pt.tmp").exists()
+    assert not (tmp_path / "full" / "last.pt").exists()
+    assert [p.name for p in (tmp_path / "full").iterdir() if p.name.endswith(".tmp")] == []
     monkeypatch.undo()
     assert train.main(common) == 0  # the same command again: it starts over in its folder
 
@@ -496,7 +500,8 @@ def test_a_torn_or_binary_line_in_metrics_does_not_stop_a_resume(tiny_data, tmp_
 
 
 @pytest.mark.parametrize("where", ["load_cifar", "project"])
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
+                                    signal.SIGQUIT, signal.SIGXCPU])
 def test_a_stop_signal_while_starting_stops_at_once_in_one_line_and_writes_nothing(tiny_data, tmp_path, capsys,
                                                                                      monkeypatch, where, signum):
     """Before the first step (reading the data, measuring the CPU projection) there is nothing to
