@@ -12,6 +12,7 @@ from data.splits import sizes
 from data.cifar import RELEASES, check_files, is_data_folder, load_cifar, resolve_data_dir
 from engine import checkpoint
 from engine.config import ConfigError, m_sharpness_error
+from engine.projection import refuse_if_too_long
 from engine.resume import check_data, run_folder
 from engine.step import Runtime, group_count, resolve_runtime
 from engine.tracker import has_wandb_credentials, wandb_mode
@@ -66,11 +67,14 @@ def resolve(parsed):
         check_writable(run_dir)
         if rank == 0 and checkpoint.holder(run_dir):
             raise ConfigError(checkpoint.in_use(run_dir))
+        if config["relabel_from"]:
+            relabel_source(config)
     return Resolved(config, run_dir, state, earlier, runtime, world_size, finished, stamp)
 
 
-def check(parsed):
-    """--check: the command's settings, run folder, device and data files, without training -> a line."""
+def check(parsed, measure=True):
+    """--check: the command's settings, run folder, device and data files, without training -> a line.
+    `measure`: also the duration on a CPU that --device auto fell back to (engine/projection.py)."""
     r = resolve(parsed)
     if r.finished:
         return f"{r.run_dir} is finished; nothing to do"
@@ -79,12 +83,15 @@ def check(parsed):
     if (folder / RELEASES[r.config["dataset"]][0].base_folder).is_dir():  # else --download fetches it
         data = read_data(r.config["dataset"], str(folder))  # every file read and validated
         check_data(r.state, data.fingerprint, folder)
+        c = r.config
         try:  # the splits training would build, from the same arithmetic
-            sizes(len(data.train_labels), r.config["subset"], r.config["val_split"], r.config["batch_size"])
+            train, held = sizes(len(data.train_labels), c["subset"], c["val_split"], c["batch_size"], c["label_noise"])
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    if r.config["relabel_from"]:
-        relabel_source(r.config)
+        if measure:  # as train.py measures before its first step, from where it would start
+            test = min(c["subset"] or len(data.test_labels), len(data.test_labels))
+            at = (r.state["epoch"], r.state["batch"]) if r.state else (0, 0)
+            refuse_if_too_long(c, r.runtime, train // c["batch_size"], held + test, *at)
     return f"{r.run_dir} ({'resumes at step ' + str(r.state['step']) if r.state else 'a new run'})"
 
 
@@ -138,10 +145,15 @@ def check_writable(run_dir):
 
 def relabel_source(config):
     """--relabel-from names a finished run's checkpoint on the same data set (read, not loaded)."""
+    path = checkpoint.find(config["relabel_from"])
     try:
-        source = checkpoint.load(checkpoint.find(config["relabel_from"]))["config"]
+        state = checkpoint.load(path)
     except ValueError as e:
         raise ConfigError(f"--relabel-from: {e}; pass a finished run's folder or its last.pt") from None
+    source = state["config"]
+    if state["epoch"] < source.get("epochs", 0) or not (path.parent / "results.json").is_file():
+        raise ConfigError(f"--relabel-from {config['relabel_from']}: that run has not finished (epoch {state['epoch']} "
+                          f"of {source.get('epochs')}); finish it first (python train.py --resume {path.parent})")
     if source.get("dataset") != config["dataset"]:
         raise ConfigError(f"--relabel-from {config['relabel_from']}: that model was trained on {source.get('dataset')}"
                           f", this run is on {config['dataset']}; pass a run on the same data set")

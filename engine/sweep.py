@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import io
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config import ConfigError, OneLineParser, build_parser, default_name, flag, parse_config, refuse
+from engine.tracker import no_links, wandb_mode
 
 REPO = Path(__file__).resolve().parents[1]
 # train.py flags the sweep sets itself: a script's user cannot give them after --
@@ -74,7 +76,7 @@ def parse(argv):
                                                          "its own); any other sweep variable set is refused")
     p.add_argument("--launcher", choices=("local", "slurm", "slurm-local"), default="local")
     p.add_argument("--gpus", help="this machine's GPUs, one run on each at a time (default: $CUDA_VISIBLE_DEVICES, "
-                                  "else the CPU, one run at a time)")
+                                  "else every GPU; without one, the CPU, one run at a time)")
     slurm = p.add_argument_group("SLURM (--launcher slurm, or slurm-local: the same jobs on this machine)")
     slurm.add_argument("--partition")
     slurm.add_argument("--account")
@@ -94,10 +96,17 @@ def parse(argv):
     if options.launcher == "local":
         if slurm_given:
             p.error(f"{slurm_given[0]} is a SLURM option: add --launcher slurm (or slurm-local)")
-        gpus = options.gpus if options.gpus is not None else os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        source = "--gpus" if options.gpus is not None else "$CUDA_VISIBLE_DEVICES"
+        gpus = options.gpus if options.gpus is not None else os.environ.get("CUDA_VISIBLE_DEVICES")
+        if gpus is None:  # every GPU of this machine
+            import torch
+            gpus = ",".join(str(i) for i in range(torch.cuda.device_count()))
         slots = [g.strip() for g in gpus.split(",")] if gpus.strip() else ["cpu"]
-        if any(not g.isdigit() for g in slots if g != "cpu") or len(set(slots)) < len(slots):
-            p.error(f"--gpus takes distinct GPU indices like 0,1,2 (one run per GPU at a time), got {gpus!r}")
+        # a GPU as CUDA_VISIBLE_DEVICES names it: an index, or a UUID (GPU-..., MIG-...) as on many clusters
+        if any(not re.fullmatch(r"[0-9]+|(GPU|MIG)-[0-9a-fA-F/-]+", g) for g in slots if g != "cpu") \
+                or len(set(slots)) < len(slots):
+            p.error(f"{source} must name distinct GPUs like 0,1,2 or their UUIDs (one run per GPU at a time), got "
+                    f"{gpus!r}")
         options.slots = slots
     elif options.gpus is not None:
         p.error("--gpus chooses this machine's GPUs for the local queue; under SLURM use --gpus-per-run")
@@ -146,15 +155,16 @@ def resolve_line(line, extra, extra_keys, options):
                           f"set it through the script's environment variables{reads}")
     args = [*words, *extra, "--out-dir", options.out_dir]
     config = parse_config(args).config
-    if options.group and config["wandb_mode"] != "disabled" and config["wandb_group"] is None:
+    if options.group and wandb_mode(config["wandb_mode"]) != "disabled" and config["wandb_group"] is None:
         args += ["--wandb-group", options.group]
     return Run(args, Path(options.out_dir) / default_name(config), config)
 
 
-def check(runs, skip=()):
+def check(runs, skip=(), measure=False):
     """train.py's own checks of every unfinished run (a waiting run without its source, which does not
     exist yet), but those in `skip` (their SLURM job holds them); the first failure is a ConfigError
-    naming the run."""
+    naming the run. `measure`: runs that will train on this machine's CPU are also timed, and refused
+    as train.py refuses them (over 12 hours on a CPU --device auto fell back to)."""
     from engine.preflight import check as check_command
     from data import DataError
     for run in runs:
@@ -165,7 +175,7 @@ def check(runs, skip=()):
             at = args.index("--relabel-from")
             args = args[:at] + args[at + 2:]
         try:
-            check_command(parse_config([*args, *(["--resume"] if (run.dir / "last.pt").is_file() else [])]))
+            check_command(parse_config([*args, *(["--resume"] if (run.dir / "last.pt").is_file() else [])]), measure)
         except (ConfigError, DataError) as e:
             raise ConfigError(f"{run.name}: {e}") from None
 
@@ -200,7 +210,7 @@ def run_local(runs, slots):
             run.dir.mkdir(parents=True, exist_ok=True)
             command = run.command()
             print(f"[{slot}] start {run.name}", flush=True)
-            with open(run.dir / "stdout.log", "a") as log:  # appended: a retry keeps the failed attempt's log
+            with open(run.dir / "stdout.log", "a", opener=no_links) as log:  # a retry keeps the failed attempt's log
                 log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} on {slot}: {shlex.join(command)}\n")
                 log.flush()
                 env = {**os.environ, "CUDA_VISIBLE_DEVICES": "" if slot == "cpu" else slot}
@@ -209,7 +219,8 @@ def run_local(runs, slots):
                 running.discard(run.dir)
                 report["failed" if code else "done"].append(run.name)
             print(f"[{slot}] {'FAIL' if code else 'done'}  {run.name}" +
-                  (f" (exit {code}; log: {run.dir / 'stdout.log'})" if code else ""), flush=True)
+                  (f" (exit {code}; log: {run.dir / 'stdout.log'}){said(run.dir / 'stdout.log')}" if code else ""),
+                  flush=True)
 
     threads = [threading.Thread(target=worker, args=(slot,)) for slot in slots]
     for t in threads:
@@ -225,6 +236,16 @@ def run_local(runs, slots):
     if report["failed"]:
         print("re-run the same command to retry the failed runs (finished ones are skipped)")
     return 1 if report["failed"] else 0
+
+
+def said(log):
+    """The last `error:` or `bug:` line of a run's log, to show beside its FAIL line."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    last = next((line for line in reversed(lines) if line.startswith(("error: ", "bug: "))), None)
+    return f"\n    {last}" if last else ""
 
 
 def launch_slurm(runs, options):
@@ -264,7 +285,7 @@ def _main(argv):
                 print(f"{line.strip()} --relabel-from {shlex.quote(str(run.dir))}")
             return 0
         if options.launcher == "local":
-            check(runs)
+            check(runs, measure=not options.dry_run)  # a dry run measures nothing
         else:
             return launch_slurm(runs, options)
     except ConfigError as e:

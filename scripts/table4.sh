@@ -15,7 +15,7 @@ bootstrapped() {  # the stage-1 runs that stage 2 learns labels from
     for level in ${LEVELS-0.2 0.4 0.6 0.8}; do
         for seed in ${SEEDS-0 1 2}; do
             sam=configs/labelnoise/sam.yaml
-            [ "$level" != 0.8 ] || sam=configs/labelnoise/sam_80.yaml
+            awk -v p="$level" 'BEGIN { exit !(p + 0 == 0.8) }' && sam=configs/labelnoise/sam_80.yaml  # 0.80, 8e-1 too
             run --config "$sam" --label-noise "$level" --seed "$seed"
             for alpha in ${ALPHAS-1 8 16 32}; do
                 run --config configs/labelnoise/mixup.yaml --mixup-alpha "$alpha" --label-noise "$level" --seed "$seed"
