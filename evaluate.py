@@ -13,6 +13,11 @@ evaluates after each epoch (engine/evaluation.py; the run's precision and batch 
 run's test accuracy here equals the final_test_acc of its results.json.
 """
 
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while Python imports torch: exit now, no traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import argparse
 import json
 import os
@@ -23,12 +28,13 @@ import numpy as np
 import torch
 
 from analysis.figures import OutputError, check_output_file
-from data import DataError, load_cifar
+from data import DataError
 from data.cifar import is_data_folder
 from data.loaders import DeviceLoader
 from engine import checkpoint
 from engine.config import ConfigError, OneLineParser, read, refuse
 from engine.evaluation import evaluate_loader
+from engine.resume import run_data
 from engine.step import resolve_runtime
 from train import data_loaders
 
@@ -107,8 +113,8 @@ def array(path):
     """A .npy file as numpy reads it without running code (no pickles) -> array; a ConfigError if not."""
     if not Path(path).is_file():  # a named pipe would block the reader forever
         raise ConfigError(f"{path} is not a regular file; CIFAR-10.1 and CIFAR-10-C arrays are .npy files")
-    try:
-        return np.load(path, allow_pickle=False)
+    try:  # memory-mapped: a header that claims more than the file holds is an error, not an allocation
+        return np.load(path, allow_pickle=False, mmap_mode="r")
     except (ValueError, OSError, EOFError) as e:
         raise ConfigError(f"{path} is not a plain .npy array ({type(e).__name__}: {str(e)[:120]}); CIFAR-10.1 and "
                           f"CIFAR-10-C are distributed as such") from None
@@ -141,7 +147,7 @@ def main(argv=None):
         if runtime.channels_last:
             model.to(memory_format=torch.channels_last)
         config = {**config, "eval_batch_size": args.batch_size or config["eval_batch_size"]}
-        data = load_cifar(config["dataset"], config["data_dir"])  # the run's training statistics come from it
+        data = run_data(config, state)  # the run's own data: its training statistics come from it
         _, loaders = data_loaders(config, data, runtime)
         if args.split == "val" and "val" not in loaders:
             raise ConfigError(f"{path.parent} held out no validation images (val_split 0); use --split test")

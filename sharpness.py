@@ -14,6 +14,11 @@ function the model computes at test time) or, with --bn train, with each batch's
 sharpness/ and the plots as images.
 """
 
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while Python imports torch: exit now, no traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import argparse
 import json
 import math
@@ -28,9 +33,10 @@ from analysis.batches import training_batches
 from analysis.hessian import HessianOperator, lanczos_steps, spectral_density, top_eigenvalues
 from analysis.landscape import along, filter_normalised_direction, interpolate
 from analysis.m_sharpness import m_sharpness
-from data import DataError, load_cifar
+from data import DataError
 from engine import checkpoint
 from engine.config import ConfigError, OneLineParser, refuse
+from engine.resume import run_data
 from engine.step import resolve_device
 from engine.tracker import has_wandb_credentials, wandb_dir, wandb_mode
 from sam import frozen_bn_stats
@@ -106,8 +112,8 @@ def parse(argv):
         raise InputError(f"--points must be in [3, 201], got {args.points}")
     if not 0 < args.span < 1000:  # false for nan too
         raise InputError(f"--span must be a number in (0, 1000), got {args.span}")
-    if args.seed < 0:
-        raise InputError(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed < 2**32:  # what numpy's and torch's generators take
+        raise InputError(f"--seed must be in [0, 4294967295], got {args.seed}")
     if args.density_runs > 1000 or args.density_steps > 10000 or args.hessian > 1000:
         raise InputError("--hessian, --density-runs and --density-steps are limited to 1000, 1000 and 10000")
     if args.compare and Path(checkpoint.find(args.compare[0])).resolve() == Path(checkpoint.find(args.compare[1])).resolve():
@@ -129,9 +135,16 @@ class Measured:
         except ValueError as e:
             raise InputError(f"{e}; give a run folder or its last.pt") from None
         self.dir, self.name = self.path.parent, self.path.parent.name
+        if args.bn == "train" and not any(isinstance(x, torch.nn.modules.batchnorm._BatchNorm)
+                                          for x in self.model.modules()):
+            raise InputError(f"--bn train chooses BatchNorm's statistics, and {self.name} ({self.config['model']}, "
+                             f"norm {self.config.get('norm')}) has no BatchNorm; drop --bn")
         self.model.train(args.bn == "train")
         try:
-            data = load_cifar(self.config["dataset"], args.data_dir or self.config.get("data_dir"))
+            data = run_data(self.config, self.state, args.data_dir, how="point --data-dir at")
+        except (ConfigError, DataError) as e:
+            raise InputError(f"{e}") from None
+        try:
             self.batches = training_batches(data, self.config, args.batches, args.batch_size, args.seed, device)
             self.data_note = data.note
         except (DataError, ValueError) as e:

@@ -167,7 +167,7 @@ def build_loaders(data, *, augment, batch_size, device, seed=0, loader="auto", w
     torchvision_aa = augment.startswith("autoaugment") and autoaugment_policy == "torchvision"
     if loader == "device" and torchvision_aa:
         raise ValueError("torchvision's AutoAugment runs in DataLoader workers; use --loader workers (or auto)")
-    sizes(len(data.train_labels), subset, val_split, batch_size)
+    sizes(len(data.train_labels), subset, val_split, batch_size, label_noise)
     splits = make_splits(data, subset, val_split, label_noise, seed, noise_rule)
     mean, std = channel_stats(splits.train_images)
     if relabel is not None:

@@ -25,12 +25,13 @@ class Splits:
     num_classes: int
 
 
-def sizes(images, subset=0, val_split=0.0, batch_size=None):
+def sizes(images, subset=0, val_split=0.0, batch_size=None, label_noise=0.0):
     """(training images, validation images) that `subset` and `val_split` leave of `images` training
-    images; ValueError naming the fix when either is empty or smaller than one `batch_size`."""
-    if subset > images:
-        raise ValueError(f"--subset {subset} is more than the {images} training images; use at most "
-                         f"{images}, or 0 for all")
+    images; ValueError naming the fix when either is empty or smaller than one `batch_size`, or when
+    --subset or --label-noise would do nothing (all images; no label changed)."""
+    if subset >= images:
+        raise ValueError(f"--subset {subset} is {'all' if subset == images else 'more than'} the {images} training "
+                         f"images; use fewer, or leave it out for all")
     images = subset or images
     keep = images - round(val_split * images)
     if val_split and (keep == images or keep == 0):
@@ -40,6 +41,9 @@ def sizes(images, subset=0, val_split=0.0, batch_size=None):
     if batch_size is not None and keep < batch_size:
         raise ValueError(f"batch size {batch_size} is larger than the {keep} training images; lower --batch-size "
                          f"{'or raise --subset' if subset else 'or --val-split' if val_split else ''}".rstrip())
+    if label_noise and round(label_noise * keep) == 0:
+        raise ValueError(f"--label-noise {label_noise} of {keep} training images changes no label; use more than "
+                         f"{0.5 / keep:.2g}, or 0 for clean labels")
     return keep, images - keep
 
 
@@ -50,7 +54,7 @@ def make_splits(data, subset=0, val_split=0.0, label_noise=0.0, seed=0, noise_ru
     labels' rule `noise_rule` (above), drawn with `seed`; validation and test labels stay clean."""
     train_x, train_y = data.train_images, data.train_labels
     test_x, test_y = data.test_images, data.test_labels
-    keep, held = sizes(len(train_y), subset, val_split)
+    keep, held = sizes(len(train_y), subset, val_split, label_noise=label_noise)
     if subset:
         train_x, train_y, test_x, test_y = train_x[:subset], train_y[:subset], test_x[:subset], test_y[:subset]
     eval_sets = {"test": (test_x, test_y)}

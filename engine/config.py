@@ -364,11 +364,14 @@ def load_yaml(path, _seen=(), named_by="--config"):
     for key, value in values.items():
         if key not in SETTINGS:
             raise ConfigError(f"unknown key {key!r} in {path}; valid keys: base, {', '.join(SETTINGS)}")
-        _check_type(key, value, f"in {path}")
+        values[key] = setting_value(key, value, f"in {path}")
     return {**merged, **values}
 
 
-def _check_type(key, value, where):
+def setting_value(key, value, where):
+    """A setting's value read from a file (YAML, a checkpoint) -> the value as the flag would give it (an
+    int for a float setting becomes that float: `lr: 1` is --lr 1.0, one experiment, one folder name);
+    ConfigError for a wrong type or choice."""
     spec = SETTINGS[key]
     ok = value is None and spec.default is None
     ok = ok or (isinstance(value, spec.type) and not (spec.type is int and isinstance(value, bool)))
@@ -377,6 +380,15 @@ def _check_type(key, value, where):
         raise ConfigError(f"{key} {where} must be of type {spec.type.__name__}, got {value!r}")
     if spec.choices and value not in spec.choices:
         raise ConfigError(f"{key} {where} must be one of {', '.join(spec.choices)}, got {value!r}")
+    return float(value) if spec.type is float and value is not None else value
+
+
+def setting_in_range(key, value, where):
+    """setting_value, and within the setting's range (a finite number): a value train.py could run with."""
+    value = setting_value(key, value, where)
+    if SETTINGS[key].bounds and value is not None and not _within(value, SETTINGS[key].bounds):
+        raise ConfigError(f"{key} {where} must be in {SETTINGS[key].bounds}, got {value!r}")
+    return value
 
 
 # ---- parsing and validation ----------------------------------------------------------------------------
@@ -456,8 +468,9 @@ def validate(config, flags=frozenset()):
         config["nesterov"] = False
     if config["m_sharpness"] and config["batch_size"] % config["m_sharpness"]:
         raise ConfigError(m_sharpness_error(config, 1))
-    if "m_sharpness_impl" in flags and not config["m_sharpness"]:
-        raise ConfigError("--m-sharpness-impl applies only with --m-sharpness M; add it or drop the flag")
+    if "m_sharpness_impl" in flags and config["m_sharpness"] in (0, config["batch_size"]):
+        raise ConfigError("--m-sharpness-impl applies only with --m-sharpness M smaller than the batch (more than "
+                          "one group); set such an M or drop the flag")
     if "workers" in flags and loader_kind(config) != "workers":
         raise ConfigError("--workers applies only to --loader workers (the device loader uses no worker processes)")
     if "padding_mode" in flags and config["augment"] == "none":
@@ -468,6 +481,12 @@ def validate(config, flags=frozenset()):
         raise ConfigError("--weight-decay-in applies only with --weight-decay > 0; drop it or set --weight-decay")
     if "label_noise_rule" in flags and not config["label_noise"]:
         raise ConfigError("--label-noise-rule applies only with --label-noise p; add it or drop the rule")
+    if 0 < config["mixup_alpha"] < 0.01:  # Beta(a, a) for tiny a: weights within 1e-6 of 0 or 1 for most batches
+        raise ConfigError(f"--mixup-alpha {config['mixup_alpha']} draws mixing weights of almost exactly 0 or 1, so it "
+                          f"would mix almost nothing; use 0.01 or more (Table 4's grid: 1, 8, 16, 32), or 0 for off")
+    if config["loader"] == "device" and config["augment"].startswith("autoaugment") and \
+            config["autoaugment_policy"] == "torchvision":
+        raise ConfigError("torchvision's AutoAugment runs in DataLoader workers; use --loader workers (or auto)")
     if config["mixup_alpha"] and config["augment"].endswith("cutout"):
         raise ConfigError("--mixup-alpha with a Cutout augmentation is not supported; use --augment basic or "
                           "autoaugment with mixup")
@@ -500,7 +519,7 @@ def unused(config):
         ("autoaugment_policy", not augment.startswith("autoaugment")),
         ("cutout_placement", not augment.endswith("cutout")), ("label_noise_rule", not config["label_noise"]),
         ("weight_decay_in", not config["weight_decay"]),
-        ("m_sharpness_impl", not config["m_sharpness"]),
+        ("m_sharpness_impl", config["m_sharpness"] in (0, config["batch_size"])),
         *((key, config["optimizer"] == "sgd") for key in SAM_ONLY if key != "rho")) if idle}  # SGD: rho 0
 
 

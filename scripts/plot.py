@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis import figures  # noqa: E402
+from engine.checkpoint import is_run_folder  # noqa: E402
 from engine.config import OneLineParser, read, refuse  # noqa: E402
 
 FORMATS = (".png", ".pdf", ".svg")
@@ -39,6 +40,10 @@ def run_folders(paths):
         found = [path] if (path / "metrics.jsonl").is_file() else sorted(p.parent for p in path.rglob("metrics.jsonl"))
         if not found:
             raise InputError(f"no metrics.jsonl in or below {path}; give the folders train.py wrote")
+        quiet = [p.name for p in sorted(path.iterdir()) if p.is_dir() and p not in found and is_run_folder(p)]
+        if quiet:  # runs that logged no step (refused, or stopped while starting): said, not silently dropped
+            print(f"note: {len(quiet)} run folder{'s' * (len(quiet) > 1)} in {path} without metrics.jsonl (no step "
+                  f"logged) left out: {', '.join(quiet[:3])}{', ...' if len(quiet) > 3 else ''}", file=sys.stderr)
         folders += found
     return list(dict.fromkeys(folders))
 
@@ -53,10 +58,10 @@ def read_curves(folder):
         except (ValueError, RecursionError):  # a torn last line, or nested past reading
             row = None
         kind = (row.get("kind") or ("epoch" if "test/acc" in row else "step")) if isinstance(row, dict) else None
-        if kind == "epoch" and all(finite(row.get(k)) for k in ("train/loss", "test/error")) and \
+        if kind == "epoch" and within(row.get("train/loss"), 1e100) and within(row.get("test/error"), 1) and \
                 counted(row.get("epoch")) and counted(row.get("step")):
             epochs.append(row)
-        elif kind == "step" and finite(row.get("lr")) and counted(row.get("step"), 0):
+        elif kind == "step" and within(row.get("lr"), 1e3) and counted(row.get("step"), 0):
             lr.append((row["step"], row["lr"]))
         elif kind not in ("step", "epoch") and isinstance(row, dict) or not line.strip():
             continue  # a row of another kind (sharpness, ...) or an empty line: not a curve's
@@ -67,7 +72,8 @@ def read_curves(folder):
         print(f"warning: {folder / 'metrics.jsonl'}: {len(skipped)} damaged line{'s' * (len(skipped) > 1)} "
               f"({lines}) left out of the plot", file=sys.stderr)
     if not epochs:
-        raise InputError(f"{folder}/metrics.jsonl has no finished epoch yet; nothing to plot")
+        raise InputError(f"{folder}/metrics.jsonl has no {'readable' if skipped else 'finished'} epoch"
+                         f"{'' if skipped else ' yet'}; nothing to plot")
     steps_per_epoch = epochs[0]["step"] / epochs[0]["epoch"]
     return {"epoch": [r["epoch"] for r in epochs], "train_loss": [r["train/loss"] for r in epochs],
             "test_error": [100 * r["test/error"] for r in epochs],
@@ -75,8 +81,10 @@ def read_curves(folder):
             "schedule": schedule(folder, lr, steps_per_epoch)}
 
 
-def finite(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def within(value, most):
+    """A number a run logs: a loss, an error rate, a learning rate (0 to `most`; never one whose plotting
+    would overflow, nor NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= most
 
 
 def counted(value, least=1):

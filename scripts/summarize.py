@@ -25,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine.config import SAM_ONLY, SETTINGS, OneLineParser, read, refuse, shown  # noqa: E402
+from engine.config import SAM_ONLY, SETTINGS, ConfigError, OneLineParser, read, refuse, setting_in_range, shown  # noqa: E402
 from engine.tracker import has_wandb_credentials  # noqa: E402
 
 # Two-sided 95% Student t quantiles t_{0.975, df}; beyond the table, the normal value.
@@ -91,14 +91,24 @@ def problem(result, metric):
             return f"its {key} is {settings.get(key)!r}"
     if not isinstance(settings.get("rho"), (int, float)) or isinstance(settings.get("rho"), bool):
         return f"its rho is {settings.get('rho')!r}"
-    if "seed" in result and (isinstance(result["seed"], bool) or not isinstance(result["seed"], int)):
-        return f"its seed is {result['seed']!r}"
-    for key, value in settings.items():  # each a value train.py could have run with
-        spec = SETTINGS.get(key)
-        kinds = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}.get(spec.type, ()) if spec else \
-            (int, float, bool, str)
-        if value is not None and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+    if "seed" in result:
+        try:
+            setting_in_range("seed", result["seed"], "")
+        except ConfigError:
+            return f"its seed is {result['seed']!r}"
+    for key, value in settings.items():  # each a value train.py could have run with: of its type and range
+        try:
+            if key in SETTINGS and value is not None:  # null: a setting the run did not use
+                setting_in_range(key, value, "")
+            elif value is not None and (not isinstance(value, (int, float, bool, str)) or
+                                        isinstance(value, float) and not math.isfinite(value)):
+                raise ConfigError(key)
+        except (ConfigError, OverflowError):
             return f"its {key} is {value!r}"
+    passes = result.get("passes_per_step")
+    if passes is not None and (isinstance(passes, bool) or not isinstance(passes, (int, float))
+                               or not 1 <= passes <= 3):  # false for nan too; an int past float's range too
+        return f"its passes_per_step is {passes!r}"
     for key in ("git_commit",):
         if result.get(key) is not None and not isinstance(result[key], str):
             return f"its {key} is {result[key]!r}"
@@ -131,7 +141,7 @@ def from_folders(folders, metric):
                 continue
             why = problem(result, metric)
             if why:
-                warn(f"{path} is not a finished run's record ({why}); skipped")
+                warn(f"{path} is not a finished run's record ({why if len(why) < 120 else why[:117] + '...'}); skipped")
                 continue
             runs.append(run_record(result, metric, str(path.parent)))
     return runs

@@ -453,13 +453,19 @@ def test_data_workers_ignore_stop_signals(synthetic_cifar):
 
 
 def test_subset_and_val_split_at_their_edges(synthetic_cifar):
-    """--subset may take every training image, not one more; --val-split may keep one training image and
-    hold out one, and is refused where it holds out none or keeps none."""
+    """--subset may take every training image but one (all of them: it would do nothing; more: there are
+    none); --val-split may keep one training image and hold out one, and is refused where it holds out none
+    or keeps none; --label-noise is refused where it would change no label."""
     data = load_cifar("cifar10", synthetic_cifar)
     n = len(data.train_labels)
-    assert len(make_splits(data, subset=n).train_labels) == n
+    assert len(make_splits(data, subset=n - 1).train_labels) == n - 1
+    with pytest.raises(ValueError, match=f"is all the {n} training images"):
+        make_splits(data, subset=n)
     with pytest.raises(ValueError, match=f"more than the {n} training images"):
         make_splits(data, subset=n + 1)
+    assert (make_splits(data, label_noise=0.51 / n, noise_rule="other").train_labels != data.train_labels).sum() == 1
+    with pytest.raises(ValueError, match="changes no label"):
+        make_splits(data, label_noise=0.5 / n, noise_rule="other")
     one_kept = make_splits(data, val_split=(n - 1) / n)
     assert len(one_kept.train_labels) == 1 and len(one_kept.eval_sets["val"][1]) == n - 1
     one_held = make_splits(data, val_split=1 / n)

@@ -68,16 +68,20 @@ def assert_text_inside(fig):
 
 
 def assert_plain_tick_labels(fig):
-    """No scientific notation or offset: "0.01", "2", never "2x10^0", "1e-02" or "+2.05"."""
+    """No offset and no "2x10^0": plain numbers ("0.01", "2", never "+2.05"), or on an axis reaching below
+    0.001 or to 10^4, one short scientific form for every label ("1e-6", "1e-2"), never the two mixed."""
     drawn(fig)
     for ax in fig.axes:
         for axis in (ax.xaxis, ax.yaxis):
             assert not axis.get_offset_text().get_text(), f"offset text {axis.get_offset_text().get_text()!r}"
-            for label in tick_labels(axis):
-                text = label.get_text().replace("\u2212", "-")
+            labels = [label.get_text().replace("\u2212", "-") for label in tick_labels(axis) if label.get_text()]
+            for text in labels:
                 assert not re.search(r"\$|\\times|×|\^", text), f"tick label {text!r} is not plain"
-                if re.search(r"\d[eE][-+]?\d", text):  # 1e-06 is fine; 1e-02 is 0.01
-                    assert not 1e-3 <= abs(float(text)) < 1e4, f"tick label {text!r}: write it as a plain number"
+            scientific = [text for text in labels if re.search(r"\d[eE][-+]?\d", text)]
+            if scientific:
+                assert len(scientific) == len(labels), f"tick labels of two forms on one axis: {labels}"
+                low, high = sorted(abs(v) for v in axis.get_view_interval())
+                assert low < 1e-3 or high >= 1e4, f"tick labels {labels}: plain numbers fit this axis"
 
 
 def assert_legends_hide_nothing(fig):

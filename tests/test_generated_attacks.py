@@ -211,7 +211,9 @@ def shift_folder(root, kind):
 
 @BOUNDED
 @given(st.sampled_from(["10.1", "C"]), st.sampled_from(["images", "labels"]),
-       st.sampled_from(["missing", "pickle", "truncated", "text", "float", "shape", "range", "length", "empty"]))
+       st.sampled_from(["missing", "pickle", "truncated", "text", "float", "shape", "range", "length", "empty",
+                        "huge header"]))
+@example(kind="C", which="labels", damage="huge header")
 def test_damaged_shift_sets_are_refused_in_one_line(box, tmp_path_factory, kind, which, damage):
     """evaluate.py --data-dir with a CIFAR-10.1 or CIFAR-10-C folder one of whose arrays is damaged:
     one error line naming it, never a traceback, never a pickle loaded."""
@@ -235,6 +237,10 @@ def test_damaged_shift_sets_are_refused_in_one_line(box, tmp_path_factory, kind,
         np.save(path, (a.astype(np.int64) + 10) if which == "labels" else a.astype(np.int64))
     elif damage == "length":
         np.save(path, a[:-1])
+    elif damage == "huge header":  # a header claiming terabytes, over a few bytes: never an allocation
+        header = str({"descr": a.dtype.str, "fortran_order": False, "shape": (10**12, *a.shape[1:])})
+        header += " " * (63 - (len(header) + 10) % 64) + "\n"
+        path.write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + bytes(64))
     else:
         np.save(path, a[:0])
     assert contract(box, evaluate.main, [str(box / "runs" / "done"), "--data-dir", str(path.parent),
@@ -257,6 +263,40 @@ def test_no_tool_writes_onto_a_runs_own_files(box, tmp_path_factory, name, throu
     assert contract(box, evaluate.main, [str(box / "runs" / "done"), "--json", str(out), "--device", "cpu"]) == 2
     import plot
     assert contract(box, plot.main, [str(box / "runs" / "done"), "--out", str(out)]) == 2
+
+
+LYING_IN_WAIT = st.sampled_from(["config.yaml", "metrics.jsonl", "last.pt", "results.json", ".lock", "stdout.log",
+                                  "wandb", "slurm", "last.pt.tmp", "config.yaml.tmp", "results.json.tmp",
+                                  "metrics.jsonl.tmp"])
+
+
+@BOUNDED
+@given(LYING_IN_WAIT, st.sampled_from(["another run's results.json", "a data file"]))
+@example(name=".lock", victim="a data file")
+@example(name="results.json.tmp", victim="another run's results.json")
+@example(name="metrics.jsonl", victim="another run's results.json")
+def test_a_link_lying_in_a_run_folder_never_carries_a_write_elsewhere(box, tmp_path_factory, name, victim):
+    """A link put where a resumed run writes a file (its own files, W&B's and submitit's folders, the
+    temporary file names of its atomic writes): a link where a run keeps its own file or folder is refused
+    before anything is written; the others are never written through (each write makes a new temporary
+    file). Either way the file the link leads to is unchanged."""
+    import hashlib
+    root = tmp_path_factory.mktemp("waiting")
+    shutil.copytree(box / "runs" / "half", root / "half")
+    shutil.copytree(box / "runs" / "done", root / "done")
+    target = {"another run's results.json": root / "done" / "results.json",
+              "a data file": box / "data" / "cifar-10-batches-py" / "data_batch_1"}[victim]
+    before = hashlib.sha256(target.read_bytes()).hexdigest()
+    link = root / "half" / name
+    if link.is_dir():
+        shutil.rmtree(link)
+    link.unlink(missing_ok=True)
+    os.symlink(target, link)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "project", lambda run: None)
+        code = contract(box, train.main, ["--resume", str(root / "half")])
+    assert code == (0 if name.endswith(".tmp") else 2)
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == before and os.readlink(link) == str(target)
 
 
 @BOUNDED
@@ -352,14 +392,17 @@ def test_a_run_file_that_is_not_a_regular_file_is_refused_never_waited_on(box, t
 
 
 JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30), st.floats(allow_nan=True),
+                        st.sampled_from([10**400, -10**400, 1e308, -1e308, 1e-320]),  # past a float, at its edges
                         st.text(max_size=5), st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2),
                                                                                                   st.integers(), max_size=1))
 
 
 @BOUNDED
 @given(st.sampled_from(["epoch", "step", "train/loss", "test/error", "lr", "kind"]), JSON_VALUES,
-       st.sampled_from(["settings.lr", "settings.model", "settings.seed", "git_commit", "dataset_md5", "seed",
-                        "final_test_error"]), JSON_VALUES)
+       st.sampled_from(["settings.lr", "settings.model", "settings.seed", "settings.rho", "settings.mixup_alpha",
+                        "passes_per_step", "git_commit", "dataset_md5", "seed", "final_test_error"]), JSON_VALUES)
+@example(field="train/loss", value=1e308, key="settings.rho", other=10**400)
+@example(field="lr", value=-1e308, key="passes_per_step", other=10**400)
 def test_records_with_values_of_any_type_are_skipped_or_refused_never_a_crash(box, tmp_path_factory, field, value,
                                                                               key, other):
     """metrics.jsonl rows and results.json fields holding any JSON value: plot.py draws what is sound and
@@ -455,7 +498,7 @@ GIVEN = {"eta": "0.02", "workers": "2", "padding_mode": "constant", "autoaugment
 
 @settings(max_examples=60, deadline=None)
 @given(st.sampled_from(["none", "basic", "cutout", "autoaugment", "autoaugment_cutout"]), st.booleans(),
-       st.sampled_from(["auto", "device", "workers"]), st.sampled_from(["0", "0.2"]), st.sampled_from(["0", "32"]),
+       st.sampled_from(["auto", "device", "workers"]), st.sampled_from(["0", "0.2"]), st.sampled_from(["0", "32", "64"]),
        st.sampled_from(["0", "5e-4"]), st.sampled_from(sorted(GIVEN)), st.booleans())
 @example(augment="basic", adaptive=False, loader="auto", noise="0", m="32", decay="0", key="weight_decay_in",
          in_yaml=True)
@@ -470,7 +513,9 @@ def test_a_setting_is_recorded_as_null_exactly_when_giving_it_is_refused(augment
             "--weight-decay", decay, "--batch-size", "64", *(["--adaptive"] if adaptive else [])]
     idle = {"eta": not adaptive, "workers": loader != "workers", "padding_mode": augment == "none",
             "autoaugment_policy": not augment.startswith("autoaugment"), "cutout_placement": not augment.endswith("cutout"),
-            "label_noise_rule": noise == "0", "m_sharpness_impl": m == "0", "weight_decay_in": decay == "0"}[key]
+            "label_noise_rule": noise == "0", "m_sharpness_impl": m in ("0", "64"),  # 64: the batch, one group
+            "weight_decay_in": decay == "0"}[key]
+    conflict = key == "autoaugment_policy" and loader == "device"  # torchvision's runs in workers only
     with_key = {**parse_config(base).config, key: type(parse_config(base).config[key])(GIVEN[key])}
     assert (key in unused(with_key)) == idle, (key, idle)  # the rule, stated independently of engine.config
     with tempfile.TemporaryDirectory() as folder:
@@ -480,7 +525,7 @@ def test_a_setting_is_recorded_as_null_exactly_when_giving_it_is_refused(augment
         try:
             config = parse_config([*base, *given]).config
         except ConfigError as e:
-            assert key in unused(with_key), f"{key} refused though the run would use it: {e}"
+            assert key in unused(with_key) or conflict, f"{key} refused though the run would use it: {e}"
             return
     assert key not in unused(config), f"{key} accepted though the run does not use it"
     assert recorded(config)[key] == config[key]
