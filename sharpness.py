@@ -35,7 +35,7 @@ from analysis.landscape import along, filter_normalised_direction, interpolate
 from analysis.m_sharpness import m_sharpness
 from data import DataError
 from engine import checkpoint
-from engine.config import ConfigError, OneLineParser, refuse
+from engine.config import FLOAT32_TINY, ConfigError, OneLineParser, refuse
 from engine.resume import run_data
 from engine.step import resolve_device
 from engine.tracker import has_wandb_credentials, wandb_dir, wandb_mode
@@ -106,8 +106,8 @@ def parse(argv):
                              f"--hessian {args.hessian}), got {args.lanczos_steps}")
     if args.m_sharpness and args.batch_size % args.m_sharpness:
         raise InputError(f"--m-sharpness {args.m_sharpness} must divide --batch-size {args.batch_size}")
-    if args.rho is not None and not 0 < args.rho < 100:
-        raise InputError(f"--rho must be in (0, 100), got {args.rho}")
+    if args.rho is not None and not FLOAT32_TINY <= args.rho < 100:  # below: float32 computes an ascent of 0
+        raise InputError(f"--rho must be in [{FLOAT32_TINY:.3g}, 100), got {args.rho}")
     if args.points is not None and not 3 <= args.points <= 201:
         raise InputError(f"--points must be in [3, 201], got {args.points}")
     if not 0 < args.span < 1000:  # false for nan too
@@ -299,11 +299,9 @@ def plots(results, out_dir, interp=None):
 
 
 def log_to_wandb(m, results, images, args):
-    mode = args.wandb_mode or wandb_mode(m.config.get("wandb_mode"))
+    mode = m.wandb
     if mode == "disabled" or not m.state.get("run_id"):
         return
-    if mode == "online" and not has_wandb_credentials():
-        mode = "offline"
     import wandb
     run = wandb.init(project=m.config.get("wandb_project"), entity=m.config.get("wandb_entity"),
                      id=m.state["run_id"], resume="allow", mode=mode, dir=str(wandb_dir(m.dir)))
@@ -327,6 +325,12 @@ def main(argv=None):
                                  f"run folder {other}, not the run measured here; its records would describe "
                                  f"another run: choose another --out (or leave it out for the measured run's folder)")
         measured = [Measured(run, args) for run in runs]
+        for m in measured:  # W&B's mode and credentials, resolved before anything is measured
+            try:
+                m.wandb = args.wandb_mode or wandb_mode(m.config.get("wandb_mode"))
+                m.wandb = "offline" if m.wandb == "online" and not has_wandb_credentials() else m.wandb
+            except ConfigError as e:
+                raise InputError(str(e)) from None
         if len(measured) == 2 and measured[0].name == measured[1].name:  # runs/a/x and runs/b/x
             for m in measured:
                 m.name = str(m.dir)
@@ -336,7 +340,7 @@ def main(argv=None):
         out_dir = Path(args.out) if args.out else measured[0].dir
         figures.check_output_folder(out_dir, outputs, own=[m.dir for m in measured])
         out_dir.mkdir(exist_ok=True)
-    except (InputError, figures.OutputError) as e:
+    except (InputError, figures.OutputError, ConfigError) as e:
         return refuse(e)
     except OSError as e:
         return refuse(f"cannot write the output folder ({e.strerror}: {e.filename}); choose another --out")

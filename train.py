@@ -34,7 +34,7 @@ from data import DataError, build_loaders, load_cifar
 from data.cifar import resolve_data_dir
 from engine import checkpoint, preflight, resume
 from engine.bootstrap import label_predictor
-from engine.config import ConfigError, loader_kind, num_classes, parse_config, printable, refuse
+from engine.config import ConfigError, idle_sam_prob, loader_kind, num_classes, parse_config, printable, refuse
 from engine.distributed import Dist, all_reduce_sum, average_buffers, averaged_state, init_distributed, \
     replica_digests
 from engine.evaluation import evaluate_loader
@@ -111,6 +111,8 @@ def prepare(parsed):
     relabel, relabelled = label_predictor(config["relabel_from"], config, r.runtime) if config["relabel_from"] \
         else (None, None)
     train_loader, eval_loaders = data_loaders(config, data, r.runtime, dist, relabel)
+    if idle_sam_prob(config, len(train_loader)):  # known once the data is: as --check says
+        raise ConfigError(idle_sam_prob(config, len(train_loader)))
     torch.manual_seed(config["seed"])
     if r.runtime.device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A one-node SLURM cluster on this machine, for tests/test_slurm_real.py (as root, no systemd):
+# A one-node SLURM cluster on this machine, for tests/test_slurm_cluster.py (as root, no systemd):
 # Debian's slurmctld, slurmd, slurm-client and munge. Two partitions, so that a job of the
 # higher-priority one preempts (requeues) a job of the other, as on a shared cluster.
 set -euo pipefail

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from data.cifar import is_data_folder
 from engine.checkpoint import RUN_FILES, enclosing_run, holder, in_use, is_run_folder
+from engine.config import path_problem, printable
 
 FEW = 20  # series of at most this many points are drawn with a marker on each
 STYLES = ("-", "--", ":", "-.")
@@ -123,7 +124,7 @@ def check_output_file(path, option="--out", example="curves.png", own=(), format
     when given). OutputError otherwise; nothing is written before every check but the last has passed."""
     if not str(path).strip():
         raise OutputError(f"{option} is empty; name the file to write, e.g. {option} {example}")
-    path = Path(path)
+    path = system_path(path, option)
     folder = run_folder_file(path)
     if folder is not None:
         raise OutputError(f"{option} {path}: that is run folder {folder}'s own {Path(os.path.realpath(path)).name}, "
@@ -132,6 +133,9 @@ def check_output_file(path, option="--out", example="curves.png", own=(), format
     if path.is_dir():
         raise OutputError(f"{option} {path} is a folder; give a file name in it, e.g. {path / example}" if example else
                           f"{option}: {path} is a folder, where a file is to be written; move it or choose another")
+    if path.exists() and not path.is_file():  # a device (/dev/null), a named pipe, a socket: never replaced, never waited on
+        raise OutputError(f"{option} {path} is not a regular file (a device, a named pipe or a socket), which no tool "
+                          f"replaces or writes into; choose a file path")
     if formats and path.suffix.lower() not in formats:
         raise OutputError(f"{option} {path}: write a {', '.join(formats)} file")
     parent = path.parent
@@ -141,10 +145,20 @@ def check_output_file(path, option="--out", example="curves.png", own=(), format
         raise OutputError(f"{option} {path}: {path if path.exists() else parent} is not writable; choose another")
 
 
+def system_path(path, option):
+    """`path` as a Path, OutputError when the system cannot take it (engine.config.path_problem)."""
+    problem = path_problem(path)
+    if problem:
+        raise OutputError(f"{option} {printable(str(path)[:80])}{'...' if len(str(path)) > 80 else ''} {problem}; give "
+                          f"{'a shorter' if 'long' in problem else 'another'} path")
+    return Path(path)
+
+
 def check_place(path, option, own=(), folder=False):
     """`path` (a file to be written, or a `folder` to write into) lies neither inside a run folder other
     than `own` (the runs the tool reads), nor inside a run folder a live run holds, nor inside a data set's
     folder (a file that is a link: where the link leads). OutputError otherwise."""
+    path = system_path(path, option)
     where = path if folder else Path(os.path.realpath(path)).parent
     inside = enclosing_run(where)
     if inside is not None and inside not in {Path(os.path.realpath(r)) for r in own}:
@@ -178,7 +192,7 @@ def check_environment_places():
 def check_output_folder(path, names, option="--out", own=()):
     """A folder about to receive the files `names`: it is a folder (or is to be created in an existing
     one), writable, and none of those files is a folder or a run's own file. OutputError otherwise."""
-    path = Path(path)
+    path = system_path(path, option)
     folder = run_folder_file(path)
     if folder is not None:
         raise OutputError(f"{option} {path}: that is run folder {folder}'s own {Path(os.path.realpath(path)).name}; "

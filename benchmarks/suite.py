@@ -363,12 +363,12 @@ def main(argv=None):
         p.error("--smoke trains on synthetic images; drop --data-dir (or --smoke)")
     args.out = args.out or str(REPO / "benchmarks" / "results" / f"{datetime.date.today().isoformat()}_suite")
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.glob("*.json"))):
-        p.error(f"--out {out} already holds results (or is not a folder); choose a new folder")
-    try:  # the shared output checks: no run's or data set's folder, a writable place
+    try:  # the shared output checks: a path the system takes, no run's or data set's folder, a writable place
         figures.check_output_folder(out, ["suite.json", "summary.md"])
     except figures.OutputError as e:
         p.error(str(e))
+    if out.exists() and (not out.is_dir() or any(out.glob("*.json"))):
+        p.error(f"--out {out} already holds results (or is not a folder); choose a new folder")
     out.mkdir(exist_ok=True)
     suite = Suite(args)
     documents = {"environment": environment(suite)}

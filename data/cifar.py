@@ -64,6 +64,9 @@ def _folder(text, where):
     text = str(text)
     if not text.strip():
         raise DataError(f"{where} is empty; name the folder of the data (or leave it out for the default)")
+    from engine.config import path_problem  # here: engine.config imports this module
+    if path_problem(text):
+        raise DataError(f"{where} {text[:80]!r} {path_problem(text)}; give another path")
     try:
         return Path(text).expanduser()
     except RuntimeError as e:

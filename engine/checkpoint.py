@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from data.cifar import RELEASES
-from engine.config import SETTINGS, ConfigError, defaults, model_options, read, setting_value
+from engine.config import SETTINGS, ConfigError, check_path, defaults, model_options, read, setting_value
 from models import build_model
 
 LOCK = ".lock"
@@ -43,6 +43,8 @@ def atomic_write(path, data):
     or the new one, never a torn one. A full disk raises OSError(ENOSPC) with `needed` (the bytes it
     was writing) and leaves no partial file behind."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # the rename would put a file where a device or a pipe was
+        raise OSError(errno.EEXIST, "not a regular file, so it is not replaced", str(path))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp)
     try:
@@ -144,8 +146,8 @@ def enclosing_run(path):
 
 
 def find(path):
-    """A checkpoint path, or a run folder's last.pt."""
-    path = Path(path)
+    """A checkpoint path, or a run folder's last.pt (ConfigError for a path the system cannot take)."""
+    path = check_path(path, "the run")
     return path / "last.pt" if path.is_dir() else path
 
 
@@ -170,8 +172,8 @@ def load(path, in_its_folder=True):
     if not isinstance(state["config"], dict):
         raise ValueError(f"{path} holds no settings (its config is a {type(state['config']).__name__})")
     try:  # settings this code can build: a value of a newer version (or a hand-sealed file) is refused here
-        state["config"] = {k: setting_value(k, v, f"in {path}") if k in SETTINGS else v
-                           for k, v in state["config"].items()}
+        state["config"] = {k: setting_value(k, v, f"in {path}") if k in SETTINGS and v is not None else v
+                           for k, v in state["config"].items()}  # None: unset (wandb_mode), or unused
     except ConfigError as e:
         raise ValueError(str(e)) from None
     theirs = folder_run_id(Path(path).parent) if in_its_folder else None  # in a run folder: that run's

@@ -33,6 +33,9 @@ PAPER = "Foret et al. 2021"
 OFFICIAL = "google-research/sam"
 
 
+FLOAT32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny
+
+
 class ConfigError(Exception):
     """Bad user input; the message is one line naming the problem and the fix."""
 
@@ -328,10 +331,35 @@ _StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+
                                     list("-+0123456789"))  # 5e-4 is a number, as a person reads it
 
 
+def path_problem(path):
+    """Why the operating system cannot take `path` (a NUL byte in it, a name over 255 bytes, more than 4095
+    bytes in all), or None: said before a tool looks at it (Path.exists() itself raises on such a path)."""
+    raw = os.fsencode(str(path))
+    if b"\0" in raw:
+        return "holds a NUL byte"
+    if len(raw) > 4095:
+        return f"is {len(raw)} bytes long, longer than a path may be (4095)"
+    longest = max(len(part) for part in raw.split(b"/"))
+    if longest > 255:
+        return f"has a name of {longest} bytes, longer than a file name may be (255)"
+    return None
+
+
+def check_path(path, what):
+    """ConfigError naming `what` (an option, a file) when the system cannot take `path` (path_problem)."""
+    problem = path_problem(path)
+    if problem:
+        raise ConfigError(f"{what} {printable(str(path)[:80])}{'...' if len(str(path)) > 80 else ''} {problem}; "
+                          f"give {'a shorter' if 'long' in problem else 'another'} path")
+    return Path(path)
+
+
 def read(path):
     """The bytes of a file a tool reads; OSError unless it is a regular file (a named pipe or a device
     would block the reader forever). Every reader of run records, configs and data goes through it."""
     path = Path(path)
+    if path_problem(path):
+        raise OSError(f"{path} {path_problem(path)}")
     if path.exists() and not path.is_file():
         raise OSError(f"{path} is not a regular file")
     return path.read_bytes()
@@ -339,14 +367,14 @@ def read(path):
 
 def load_yaml(path, _seen=(), named_by="--config"):
     """The settings of a YAML file, after those of the `base:` file it names (relative to it)."""
-    path = Path(path)
+    path = check_path(path, f"config file ({named_by})")
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "not found"
         raise ConfigError(f"config file {path} ({named_by}) {what}; name an existing YAML file there")
     try:
         values = yaml.load(read(path).decode(), Loader=_StrictLoader) or {}
-    except (yaml.YAMLError, RecursionError) as e:
-        raise ConfigError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    except (yaml.YAMLError, RecursionError, ValueError) as e:  # ValueError: an int of over 4300 digits
+        raise ConfigError(f"config file {path} is not valid YAML ({str(e).splitlines()[0][:160]})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {path} ({e}); pass a readable YAML file") from None
     if not isinstance(values, dict):
@@ -357,7 +385,7 @@ def load_yaml(path, _seen=(), named_by="--config"):
         if not isinstance(named, str) or not named.strip() or named.strip() in (".", "..") or named.endswith("/"):
             raise ConfigError(f"config file {path}: base: must name one YAML file (relative to {path.parent}), "
                               f"got {named!r}")
-        base = path.parent / named
+        base = check_path(path.parent / named, f"config file {path}: its base:")
         if base.resolve() in _seen or len(_seen) > 8:
             raise ConfigError(f"config file {path}: its base: chain loops back to {base}")
         merged = load_yaml(base, (*_seen, path.resolve()), f"the base: of {path}")
@@ -378,7 +406,7 @@ def setting_value(key, value, where):
     ok = ok or (spec.type is float and isinstance(value, int) and not isinstance(value, bool))
     if not ok:
         raise ConfigError(f"{key} {where} must be of type {spec.type.__name__}, got {value!r}")
-    if spec.choices and value not in spec.choices:
+    if spec.choices and value is not None and value not in spec.choices:
         raise ConfigError(f"{key} {where} must be one of {', '.join(spec.choices)}, got {value!r}")
     return float(value) if spec.type is float and value is not None else value
 
@@ -434,6 +462,10 @@ def validate(config, flags=frozenset()):
     for key, spec in SETTINGS.items():
         if spec.bounds and config[key] is not None and not _within(config[key], spec.bounds):
             raise ConfigError(f"{key} must be in {spec.bounds}, got {config[key]}")
+    for key, spec in SETTINGS.items():  # a number the float32 arithmetic of a run reads as 0 does nothing
+        if spec.type is float and config[key] and abs(config[key]) < FLOAT32_TINY:
+            raise ConfigError(f"{flag(key)} {config[key]} is below float32's smallest normal number ({FLOAT32_TINY:.3g}), "
+                              f"which the run computes in: it would act as 0; use 0 to turn it off, or a larger value")
     for key, spec in SETTINGS.items():  # a text setting given as nothing (--out-dir '', wandb_tags: ' ') does nothing
         if spec.type is str and isinstance(config[key], str) and not config[key].strip():
             raise ConfigError(f"{flag(key)} is empty; give a value, or leave it out for the default")
@@ -441,6 +473,9 @@ def validate(config, flags=frozenset()):
         raise ConfigError(f"--wandb-tags takes comma-separated tags of 1-64 characters each, got {config['wandb_tags']!r}")
     if config["name"] is not None:
         check_name(config["name"])
+    for key in ("out_dir", "data_dir", "relabel_from"):  # paths: ones the system can take
+        if config[key] is not None:
+            check_path(config[key], flag(key))
     if config["optimizer"] == "sgd":
         for key in SAM_ONLY:
             if key in flags:
@@ -468,6 +503,9 @@ def validate(config, flags=frozenset()):
         config["nesterov"] = False
     if config["m_sharpness"] and config["batch_size"] % config["m_sharpness"]:
         raise ConfigError(m_sharpness_error(config, 1))
+    if "m_sharpness" in flags and config["m_sharpness"] == config["batch_size"]:  # one group: whole-batch SAM
+        raise ConfigError(f"--m-sharpness {config['m_sharpness']} is the whole batch of {config['batch_size']}, one "
+                          f"group: that is whole-batch SAM, --m-sharpness 0; use 0 (one experiment, one name)")
     if "m_sharpness_impl" in flags and config["m_sharpness"] in (0, config["batch_size"]):
         raise ConfigError("--m-sharpness-impl applies only with --m-sharpness M smaller than the batch (more than "
                           "one group); set such an M or drop the flag")
@@ -508,6 +546,19 @@ def validate(config, flags=frozenset()):
         model_spec(config["model"], **model_options(config))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def idle_sam_prob(config, steps_per_epoch):
+    """Randomized SAM whose SAM steps in this run (sam_prob x the steps from --sam-start-epoch on) are
+    expected to be fewer than one: it would be an SGD run -> the error, or None."""
+    if config["optimizer"] != "sam" or config["sam_prob"] >= 1:
+        return None
+    expected = config["sam_prob"] * steps_per_epoch * (config["epochs"] - config["sam_start_epoch"])
+    if expected < 1:
+        return (f"--sam-prob {config['sam_prob']} draws {expected:.2g} SAM steps on average in this run's "
+                f"{steps_per_epoch * (config['epochs'] - config['sam_start_epoch'])} steps from --sam-start-epoch on, "
+                f"fewer than one: every step would be an SGD step; raise it, or use --optimizer sgd")
+    return None
 
 
 def unused(config):

@@ -11,7 +11,7 @@ from pathlib import Path
 from data.splits import sizes
 from data.cifar import RELEASES, check_files, is_data_folder, load_cifar, resolve_data_dir
 from engine import checkpoint
-from engine.config import ConfigError, m_sharpness_error
+from engine.config import ConfigError, idle_sam_prob, m_sharpness_error, path_problem
 from engine.projection import refuse_if_too_long
 from engine.resume import check_data, run_folder
 from engine.step import Runtime, group_count, resolve_runtime
@@ -88,6 +88,9 @@ def check(parsed, measure=True):
             train, held = sizes(len(data.train_labels), c["subset"], c["val_split"], c["batch_size"], c["label_noise"])
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        idle = idle_sam_prob(c, train // c["batch_size"])
+        if idle:
+            raise ConfigError(idle)
         if measure:  # as train.py measures before its first step, from where it would start
             test = min(c["subset"] or len(data.test_labels), len(data.test_labels))
             at = (r.state["epoch"], r.state["batch"]) if r.state else (0, 0)
@@ -122,6 +125,9 @@ def check_combinations(config, runtime, world_size):
 
 
 def check_writable(run_dir):
+    if path_problem(run_dir / ("x" * 64)):  # the longest name a run writes in it: W&B's, a temporary file's
+        raise ConfigError(f"the run folder {str(run_dir)[:80]}... is too long a path for the files a run writes in it "
+                          f"({path_problem(run_dir / ('x' * 64))}); choose a shorter --out-dir or --name")
     for path in (run_dir, *run_dir.parents):
         if path.is_symlink() and not path.exists():
             raise ConfigError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; create "

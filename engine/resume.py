@@ -11,7 +11,7 @@ from data import load_cifar
 from data.cifar import DATA_DIR_ENV, RELEASES, resolve_data_dir
 
 from engine import checkpoint
-from engine.config import EXPERIMENT, SETTINGS, ConfigError, default_name, defaults, flag, read, validate
+from engine.config import EXPERIMENT, SETTINGS, ConfigError, check_path, default_name, defaults, flag, read, validate
 
 
 def stamp(path):
@@ -27,7 +27,7 @@ def read_run_config(run_dir):
     """The config.yaml a run folder holds (written when the run started) -> {config, meta}, or None."""
     try:
         saved = yaml.safe_load(read(run_dir / "config.yaml").decode())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError, ValueError):  # ValueError: a 5000-digit int
         return None
     if not isinstance(saved, dict):
         return None
@@ -134,6 +134,8 @@ def run_data(config, state, folder=None, how="set $SAM_DATA_DIR to"):
     `folder` when given, else from the folder the run recorded, else (it moved) from $SAM_DATA_DIR; the
     files the checkpoint's checksums name. ConfigError saying `how` to point at them otherwise."""
     base = RELEASES[config["dataset"]][0].base_folder
+    if folder is not None:
+        check_path(folder, "--data-dir")
     if folder is None:
         recorded = resolve_data_dir(config["data_dir"])
         folder = recorded if (recorded / base).is_dir() or DATA_DIR_ENV not in os.environ else resolve_data_dir()

@@ -189,7 +189,7 @@ def check_options(options, error):
     keys = []
     for arg in options.slurm_arg or []:
         key = arg.split("=", 1)[0].lstrip("-").replace("_", "-")
-        if "=" not in arg or not key or not arg.split("=", 1)[1].strip():
+        if "=" not in arg or not re.fullmatch(r"[a-z][a-z0-9-]*", key) or not arg.split("=", 1)[1].strip():
             error(f"--slurm-arg takes KEY=VALUE (an sbatch option without its dashes), got {arg!r}")
         if key in OWN:
             error(f"--slurm-arg {arg}: {OWN[key]}")

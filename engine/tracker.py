@@ -14,17 +14,31 @@ from urllib.parse import urlparse
 import torch
 
 from engine.checkpoint import atomic_write
-from engine.config import read
+from engine.config import ConfigError, read
 
 
 def has_wandb_credentials():
+    """Whether W&B would find a key: $WANDB_API_KEY, or the netrc file ($NETRC, else ~/.netrc) holding one
+    for $WANDB_BASE_URL's host. ConfigError for a netrc that is not a readable text file or a URL W&B
+    could not use (a netrc it cannot parse holds no key for it)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
+        host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    except ValueError as e:
+        raise ConfigError(f"$WANDB_BASE_URL is not a URL ({e}); fix or unset it") from None
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    if not path.exists():
         return False
+    try:
+        read(path).decode()  # a named pipe or a folder is refused, never waited on
+        return netrc.netrc(str(path)).authenticators(host) is not None
+    except netrc.NetrcParseError:  # a netrc W&B cannot use either: no key
+        return False
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"the netrc file {path} (W&B's credentials) cannot be read ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:100] if str(e) else '-'}); fix it, or set $NETRC to another file") \
+            from None
 
 
 def wandb_mode(flag):

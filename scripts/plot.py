@@ -34,7 +34,8 @@ class InputError(Exception):
 def run_folders(paths):
     """The run folders named, or found below the folders named (those holding a metrics.jsonl)."""
     folders = []
-    for path in map(Path, paths):
+    for path in paths:
+        path = figures.system_path(path, "run folder")
         if not path.is_dir():
             raise InputError(f"{path} is not a folder; give run folders (or folders of runs)")
         found = [path] if (path / "metrics.jsonl").is_file() else sorted(p.parent for p in path.rglob("metrics.jsonl"))

@@ -25,8 +25,10 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine.config import SAM_ONLY, SETTINGS, ConfigError, OneLineParser, read, refuse, setting_in_range, shown  # noqa: E402
+from engine.config import SAM_ONLY, SETTINGS, ConfigError, OneLineParser, path_problem, read, refuse, setting_in_range, \
+    shown  # noqa: E402
 from engine.tracker import has_wandb_credentials  # noqa: E402
+from models import model_spec  # noqa: E402
 
 # Two-sided 95% Student t quantiles t_{0.975, df}; beyond the table, the normal value.
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -96,14 +98,15 @@ def problem(result, metric):
             setting_in_range("seed", result["seed"], "")
         except ConfigError:
             return f"its seed is {result['seed']!r}"
-    for key, value in settings.items():  # each a value train.py could have run with: of its type and range
+    for key, value in settings.items():  # each a setting train.py has, of a value it could have run with
+        if key not in SETTINGS:
+            return f"its settings hold {key!r}, which is no setting of train.py"
         try:
-            if key in SETTINGS and value is not None:  # null: a setting the run did not use
+            if value is not None:  # null: a setting the run did not use
                 setting_in_range(key, value, "")
-            elif value is not None and (not isinstance(value, (int, float, bool, str)) or
-                                        isinstance(value, float) and not math.isfinite(value)):
-                raise ConfigError(key)
-        except (ConfigError, OverflowError):
+            if key == "model":
+                model_spec(value)
+        except (ConfigError, OverflowError, ValueError):
             return f"its {key} is {value!r}"
     passes = result.get("passes_per_step")
     if passes is not None and (isinstance(passes, bool) or not isinstance(passes, (int, float))
@@ -327,10 +330,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.folders and not (args.wandb_group or args.wandb_sweep):
         p.error("give result folders, --wandb-group or --wandb-sweep")
+    for folder in args.folders:
+        if path_problem(folder):
+            p.error(f"{folder[:80]} {path_problem(folder)}; give a shorter path")
     missing = [f for f in args.folders if not Path(f).is_dir()]
     if missing:
         p.error(f"{missing[0]} is not a folder; give the folders that hold the runs")
-    if (args.wandb_group or args.wandb_sweep) and not has_wandb_credentials():
+    try:
+        credentials = has_wandb_credentials() if args.wandb_group or args.wandb_sweep else True
+    except ConfigError as e:
+        p.error(str(e))
+    if not credentials:
         p.error("reading W&B needs credentials: run `wandb login` or set WANDB_API_KEY (or summarise run folders)")
     runs = from_folders(args.folders, args.metric) if args.folders else []
     if args.wandb_group or args.wandb_sweep:

@@ -7,6 +7,7 @@ import io
 import os
 import pickle
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,140 @@ def test_environment_variables_of_generated_values(box, env):
         at = args.index("--data-dir")
         args = args[:at] + args[at + 2:]
     contract(box, train.main, ["--check", *args], env)
+
+
+W_AND_B_ENV = st.one_of(
+    st.fixed_dictionaries({"NETRC": st.sampled_from(["fifo", "folder", "binary", "/dev/zero", "missing", "text"])}),
+    st.fixed_dictionaries({"WANDB_BASE_URL": st.sampled_from(["http://[::1", "://", "", "http://x:99999999",
+                                                              "https://api.wandb.ai"])}))
+
+
+@BOUNDED
+@given(W_AND_B_ENV)
+@example({"NETRC": "fifo"})
+@example({"WANDB_BASE_URL": "http://[::1"})
+def test_the_environment_w_and_b_reads_for_its_credentials_is_read_safely(box, tmp_path_factory, env):
+    """Where no --wandb-mode says it, the mode follows from W&B's credentials: $NETRC (or ~/.netrc) and
+    $WANDB_BASE_URL's host. A netrc that is a named pipe, a folder, a device or binary, a URL that does not
+    parse: one error line (never a wait, never a bug line); a missing or plain-text netrc: no key."""
+    folder = tmp_path_factory.mktemp("netrc")
+    if "NETRC" in env:
+        kind = env["NETRC"]
+        path = {"/dev/zero": Path("/dev/zero")}.get(kind, folder / kind)
+        if kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "folder":
+            path.mkdir()
+        elif kind == "binary":
+            path.write_bytes(bytes(range(256)))
+        elif kind == "text":
+            path.write_text("machine example.org login a password b\n")
+        env = {"NETRC": str(path)}
+    args = [a for a in fill(TRAIN, box) if a not in ("--wandb-mode", "disabled")]
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("WANDB_MODE", "WANDB_API_KEY"):
+            mp.delenv(name, raising=False)
+        signal.signal(signal.SIGALRM, lambda *a: pytest.fail("waited on the netrc"))
+        signal.alarm(60)
+        try:
+            code = contract(box, train.main, ["--check", *args], env)
+        finally:
+            signal.alarm(0)
+    readable = env.get("NETRC", "").endswith(("missing", "text")) or env.get("WANDB_BASE_URL") in ("://", "",
+                                                                                                 "https://api.wandb.ai")
+    assert code == (0 if readable or env.get("WANDB_BASE_URL") == "http://x:99999999" else 2), env
+
+
+PATH_PROBLEMS = st.sampled_from(["a name of 300 bytes", "4200 bytes in all", "a NUL byte"])
+
+
+@BOUNDED
+@given(PATH_PROBLEMS, st.sampled_from(["train --out-dir", "train --data-dir", "train --config", "train --resume",
+                                       "YAML base:", "evaluate --json", "evaluate run", "plot --out", "plot run",
+                                       "sharpness --out", "sharpness run", "summarize folder", "suite --out"]))
+@example("a name of 300 bytes", "evaluate --json")
+@example("4200 bytes in all", "train --out-dir")
+def test_a_path_the_system_cannot_take_is_one_error_line_in_every_tool(box, tmp_path_factory, problem, where):
+    """A path with a NUL byte, a name over 255 bytes or over 4095 bytes in all, given anywhere a tool takes a
+    path: one error line naming it (Path.exists() itself raises on such a path: it must be said first)."""
+    import plot
+    import sharpness
+    import summarize
+    from benchmarks import suite
+    root = tmp_path_factory.mktemp("paths")
+    bad = {"a name of 300 bytes": str(root / ("x" * 300)), "4200 bytes in all": str(root / "/".join(["y" * 200] * 21)),
+           "a NUL byte": str(root / "a\0b")}[problem]
+    done = str(box / "runs" / "done")
+    tool, _, what = where.partition(" ")
+    if where == "YAML base:":
+        (root / "c.yaml").write_text(f"base: {bad!r}\n".replace("\\x00", "\\0") if "\0" not in bad else
+                                     'base: "' + bad.replace("\0", "\\0") + '"\n')
+    main, argv = {
+        "train --out-dir": (train.main, ["--check", *fill(TRAIN, box), "--out-dir", bad]),
+        "train --data-dir": (train.main, ["--check", *fill(TRAIN, box), "--data-dir", bad]),
+        "train --config": (train.main, ["--check", *fill(TRAIN, box), "--config", bad]),
+        "train --resume": (train.main, ["--check", "--resume", bad]),
+        "YAML base:": (train.main, ["--check", *fill(TRAIN, box), "--config", str(root / "c.yaml")]),
+        "evaluate --json": (evaluate.main, [done, "--device", "cpu", "--json", bad]),
+        "evaluate run": (evaluate.main, [bad, "--device", "cpu"]),
+        "plot --out": (plot.main, [done, "--out", bad + ".png"]),
+        "plot run": (plot.main, [bad, "--out", str(root / "p.png")]),
+        "sharpness --out": (sharpness.main, [done, "--hessian", "1", "--out", bad]),
+        "sharpness run": (sharpness.main, [bad, "--hessian", "1"]),
+        "summarize folder": (summarize.main, [bad]),
+        "suite --out": (suite.main, ["--smoke", "--out", bad]),
+    }[where]
+    assert contract(box, main, argv) == 2
+
+
+@BOUNDED
+@given(st.sampled_from(["fifo", "char device"]), st.sampled_from(["evaluate --json", "plot --out", "sharpness.json"]))
+def test_an_output_that_is_a_device_or_a_pipe_is_refused_never_replaced_or_waited_on(box, tmp_path_factory, kind,
+                                                                                    where):
+    """/dev/null given as --json (the device node was replaced by a regular file, as root), a named pipe as
+    --out (the write probe waited on it forever): one error line, the node as it was."""
+    import stat
+    import plot
+    import sharpness
+    if kind == "char device" and os.geteuid() != 0:
+        pytest.skip("making a device node needs root")
+    root = tmp_path_factory.mktemp("special")
+    name = {"evaluate --json": "e.json", "plot --out": "p.png", "sharpness.json": "sharpness.json"}[where]
+    node = root / name
+    if kind == "fifo":
+        os.mkfifo(node)
+    else:
+        os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # a private /dev/null
+    main, argv = {"evaluate --json": (evaluate.main, [str(box / "runs" / "done"), "--device", "cpu", "--json", str(node)]),
+                  "plot --out": (plot.main, [str(box / "runs" / "done"), "--out", str(node)]),
+                  "sharpness.json": (sharpness.main, [str(box / "runs" / "done"), "--hessian", "1", "--out", str(root)])}[where]
+    signal.signal(signal.SIGALRM, lambda *a: pytest.fail("waited on the output"))
+    signal.alarm(60)
+    try:
+        assert contract(box, main, argv) == 2
+    finally:
+        signal.alarm(0)
+    mode = os.lstat(node).st_mode
+    assert (stat.S_ISFIFO(mode) if kind == "fifo" else stat.S_ISCHR(mode)), "the node was replaced"
+
+
+@BOUNDED
+@given(st.sampled_from(["rho", "label_smoothing", "weight_decay", "dropout", "momentum", "sam_prob", "lr", "eta",
+                        "mixup_alpha", "label_noise", "grad_clip"]),
+       st.sampled_from([1e-300, 5e-324, 1e-39, -1e-300, 1.1754943508222875e-38, 1e-37]))
+@example("rho", 1e-300)
+def test_a_number_float32_reads_as_zero_is_refused(key, value):
+    """A setting nonzero in the command but below float32's smallest normal number acts as 0 in the run
+    (rho 1e-300: no ascent): refused, as the setting's 0 would be where it does nothing."""
+    from engine.config import ConfigError, parse_config
+    extra = {"eta": ["--adaptive"], "momentum": ["--no-nesterov"], "dropout": ["--model", "wrn10_1"]}.get(key, [])
+    tiny = abs(value) < 1.1754943508222875e-38
+    try:
+        parse_config([f"--{key.replace('_', '-')}={value!r}", *extra])
+    except ConfigError as e:
+        assert not tiny or "float32" in str(e) or "must be in" in str(e), (key, value, e)  # or out of its range
+        return
+    assert not tiny, (key, value)
 
 
 @BOUNDED

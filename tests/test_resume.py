@@ -388,3 +388,16 @@ def test_a_second_process_on_a_live_run_stops_at_once_naming_the_holder(tiny_dat
     finally:
         resumed.kill()
     assert done >= 1 and torch.load(tmp_path / "live" / "last.pt", weights_only=True)["step"] > steps
+
+
+def test_a_run_whose_wandb_mode_came_from_the_environment_resumes_and_is_read(tiny_data, tmp_path, monkeypatch):
+    """No --wandb-mode, W&B's own $WANDB_MODE instead: the checkpoint holds wandb_mode null (unset), which
+    every reader takes as the setting's own unset value."""
+    import evaluate
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    args = [a for a in common(tiny_data, tmp_path, "--epochs", "1", "--name", "env") if a not in ("--wandb-mode",
+                                                                                                    "disabled")]
+    assert train.main(args) == 0
+    assert torch.load(tmp_path / "env" / "last.pt", weights_only=True)["config"]["wandb_mode"] is None
+    assert evaluate.main([str(tmp_path / "env"), "--device", "cpu"]) == 0
+    assert train.main(["--resume", str(tmp_path / "env")]) == 0  # finished: nothing to do
