@@ -503,9 +503,6 @@ def validate(config, flags=frozenset()):
         config["nesterov"] = False
     if config["m_sharpness"] and config["batch_size"] % config["m_sharpness"]:
         raise ConfigError(m_sharpness_error(config, 1))
-    if "m_sharpness" in flags and config["m_sharpness"] == config["batch_size"]:  # one group: whole-batch SAM
-        raise ConfigError(f"--m-sharpness {config['m_sharpness']} is the whole batch of {config['batch_size']}, one "
-                          f"group: that is whole-batch SAM, --m-sharpness 0; use 0 (one experiment, one name)")
     if "m_sharpness_impl" in flags and config["m_sharpness"] in (0, config["batch_size"]):
         raise ConfigError("--m-sharpness-impl applies only with --m-sharpness M smaller than the batch (more than "
                           "one group); set such an M or drop the flag")
