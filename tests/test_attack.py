@@ -385,7 +385,7 @@ U = [  # python -m benchmarks.suite (and the throughput benchmark it runs)
     (["--budget-min", "nan"], "--budget-min must be in (0, 600], got nan"),
     (["--budget-min", "inf"], "--budget-min must be in (0, 600], got inf"),
     (["--smoke", "--data-dir", "{data}"], "--smoke trains on synthetic images"),
-    (["--out", "{box}/afile"], "already holds results (or is not a folder)"),
+    (["--out", "{box}/afile"], "cannot write the output folder there, it is a file"),
     (["--out", "{box}/missing/suite"], "does not exist"),
     (["--steps", "3"], "unrecognized arguments: --steps 3"),
 ]
