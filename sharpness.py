@@ -42,10 +42,6 @@ from engine.tracker import has_wandb_credentials, wandb_dir, wandb_mode
 from sam import frozen_bn_stats
 
 
-class InputError(Exception):
-    """Bad input; one line naming the problem and the fix."""
-
-
 def parse(argv):
     p = OneLineParser(prog="python sharpness.py", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,18 +75,18 @@ def parse(argv):
     args = p.parse_args(argv)
     runs = args.compare or ([args.run] if args.run else [])
     if not runs or (args.run and args.compare):
-        raise InputError("give one run folder, or --compare RUN_A RUN_B")
+        raise ConfigError("give one run folder, or --compare RUN_A RUN_B")
     if not (args.hessian or args.density or args.m_sharpness or args.landscape):
-        raise InputError("nothing to measure: add --hessian K, --density, --m-sharpness M or --landscape")
+        raise ConfigError("nothing to measure: add --hessian K, --density, --m-sharpness M or --landscape")
     if "interp" in args.landscape and not args.compare:
-        raise InputError("--landscape interp draws the line between two runs: add --compare RUN_A RUN_B")
+        raise ConfigError("--landscape interp draws the line between two runs: add --compare RUN_A RUN_B")
     if args.compare and not args.out:
-        raise InputError("--compare needs --out DIR for the shared figures")
+        raise ConfigError("--compare needs --out DIR for the shared figures")
     for option, mode, on in (("--lanczos-steps", "--hessian K", args.hessian), ("--density-runs", "--density", args.density),
                              ("--density-steps", "--density", args.density), ("--rho", "--m-sharpness M", args.m_sharpness),
                              ("--points", "--landscape", args.landscape), ("--span", "--landscape", args.landscape)):
         if getattr(args, option[2:].replace("-", "_")) is not None and not on:  # a setting that would do nothing
-            raise InputError(f"{option} is a setting of {mode}, which this command does not measure: add {mode}, "
+            raise ConfigError(f"{option} is a setting of {mode}, which this command does not measure: add {mode}, "
                              f"or drop {option}")
     args.density_runs = 5 if args.density_runs is None else args.density_runs
     args.density_steps = 60 if args.density_steps is None else args.density_steps
@@ -99,29 +95,26 @@ def parse(argv):
                              ("--density-runs", args.density_runs, 1), ("--density-steps", args.density_steps, 2),
                              ("--batch-size", args.batch_size, 1), ("--m-sharpness", args.m_sharpness, 0)):
         if value < low:
-            raise InputError(f"{name} must be >= {low}, got {value}")
+            raise ConfigError(f"{name} must be >= {low}, got {value}")
     if args.lanczos_steps is not None:
         if not max(1, args.hessian) <= args.lanczos_steps <= 10000:
-            raise InputError(f"--lanczos-steps must be an integer in [{max(1, args.hessian)}, 10000] (at least "
+            raise ConfigError(f"--lanczos-steps must be an integer in [{max(1, args.hessian)}, 10000] (at least "
                              f"--hessian {args.hessian}), got {args.lanczos_steps}")
     if args.m_sharpness and args.batch_size % args.m_sharpness:
-        raise InputError(f"--m-sharpness {args.m_sharpness} must divide --batch-size {args.batch_size}")
+        raise ConfigError(f"--m-sharpness {args.m_sharpness} must divide --batch-size {args.batch_size}")
     if args.rho is not None and not FLOAT32_TINY <= args.rho < 100:  # below: float32 computes an ascent of 0
-        raise InputError(f"--rho must be in [{FLOAT32_TINY:.3g}, 100), got {args.rho}")
+        raise ConfigError(f"--rho must be in [{FLOAT32_TINY:.3g}, 100), got {args.rho}")
     if args.points is not None and not 3 <= args.points <= 201:
-        raise InputError(f"--points must be in [3, 201], got {args.points}")
+        raise ConfigError(f"--points must be in [3, 201], got {args.points}")
     if not 0 < args.span < 1000:  # false for nan too
-        raise InputError(f"--span must be a number in (0, 1000), got {args.span}")
+        raise ConfigError(f"--span must be a number in (0, 1000), got {args.span}")
     if not 0 <= args.seed < 2**32:  # what numpy's and torch's generators take
-        raise InputError(f"--seed must be in [0, 4294967295], got {args.seed}")
+        raise ConfigError(f"--seed must be in [0, 4294967295], got {args.seed}")
     if args.density_runs > 1000 or args.density_steps > 10000 or args.hessian > 1000:
-        raise InputError("--hessian, --density-runs and --density-steps are limited to 1000, 1000 and 10000")
+        raise ConfigError("--hessian, --density-runs and --density-steps are limited to 1000, 1000 and 10000")
     if args.compare and Path(checkpoint.find(args.compare[0])).resolve() == Path(checkpoint.find(args.compare[1])).resolve():
-        raise InputError(f"--compare needs two different runs, got {args.compare[0]} twice")
-    try:
-        args.device = resolve_device(args.device)
-    except ConfigError as e:
-        raise InputError(str(e)) from None
+        raise ConfigError(f"--compare needs two different runs, got {args.compare[0]} twice")
+    args.device = resolve_device(args.device)
     return args, runs
 
 
@@ -133,22 +126,22 @@ class Measured:
         try:
             self.model, self.state, self.path, self.config = checkpoint.load_model(run, device)
         except ValueError as e:
-            raise InputError(f"{e}; give a run folder or its last.pt") from None
+            raise ConfigError(f"{e}; give a run folder or its last.pt") from None
         self.dir, self.name = self.path.parent, self.path.parent.name
         if args.bn == "train" and not any(isinstance(x, torch.nn.modules.batchnorm._BatchNorm)
                                           for x in self.model.modules()):
-            raise InputError(f"--bn train chooses BatchNorm's statistics, and {self.name} ({self.config['model']}, "
+            raise ConfigError(f"--bn train chooses BatchNorm's statistics, and {self.name} ({self.config['model']}, "
                              f"norm {self.config.get('norm')}) has no BatchNorm; drop --bn")
         self.model.train(args.bn == "train")
         try:
             data = run_data(self.config, self.state, args.data_dir, how="point --data-dir at")
         except (ConfigError, DataError) as e:
-            raise InputError(f"{e}") from None
+            raise ConfigError(f"{e}") from None
         try:
             self.batches = training_batches(data, self.config, args.batches, args.batch_size, args.seed, device)
             self.data_note = data.note
         except (DataError, ValueError) as e:
-            raise InputError(f"{e}") from None
+            raise ConfigError(f"{e}") from None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     def loss(self, batch):
@@ -321,26 +314,23 @@ def main(argv=None):
             figures.check_output_folder(args.out, outputs, own=folders)
             other = checkpoint.enclosing_run(args.out)
             if other is not None and (args.compare or other != folders[0]):
-                raise InputError(f"--out {args.out} is {'inside ' if other != Path(os.path.realpath(args.out)) else ''}"
+                raise ConfigError(f"--out {args.out} is {'inside ' if other != Path(os.path.realpath(args.out)) else ''}"
                                  f"run folder {other}, not the run measured here; its records would describe "
                                  f"another run: choose another --out (or leave it out for the measured run's folder)")
         measured = [Measured(run, args) for run in runs]
         for m in measured:  # W&B's mode and credentials, resolved before anything is measured
-            try:
-                m.wandb = args.wandb_mode or wandb_mode(m.config.get("wandb_mode"))
-                m.wandb = "offline" if m.wandb == "online" and not has_wandb_credentials() else m.wandb
-            except ConfigError as e:
-                raise InputError(str(e)) from None
+            m.wandb = args.wandb_mode or wandb_mode(m.config.get("wandb_mode"))
+            m.wandb = "offline" if m.wandb == "online" and not has_wandb_credentials() else m.wandb
         if len(measured) == 2 and measured[0].name == measured[1].name:  # runs/a/x and runs/b/x
             for m in measured:
                 m.name = str(m.dir)
         if "interp" in args.landscape and [p.shape for p in measured[0].params] != [p.shape for p in measured[1].params]:
-            raise InputError(f"--landscape interp needs two runs of one model; got {measured[0].config['model']} and "
+            raise ConfigError(f"--landscape interp needs two runs of one model; got {measured[0].config['model']} and "
                              f"{measured[1].config['model']}")
         out_dir = Path(args.out) if args.out else measured[0].dir
         figures.check_output_folder(out_dir, outputs, own=[m.dir for m in measured])
         out_dir.mkdir(exist_ok=True)
-    except (InputError, figures.OutputError, ConfigError) as e:
+    except (ConfigError, figures.OutputError) as e:
         return refuse(e)
     except OSError as e:
         return refuse(f"cannot write the output folder ({e.strerror}: {e.filename}); choose another --out")

@@ -22,13 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis import figures  # noqa: E402
 from engine.checkpoint import is_run_folder  # noqa: E402
-from engine.config import OneLineParser, read, refuse  # noqa: E402
+from engine.config import ConfigError, OneLineParser, read, refuse  # noqa: E402
 
 FORMATS = (".png", ".pdf", ".svg")
-
-
-class InputError(Exception):
-    """Bad input; one line naming the problem and the fix."""
 
 
 def run_folders(paths):
@@ -37,10 +33,10 @@ def run_folders(paths):
     for path in paths:
         path = figures.system_path(path, "run folder")
         if not path.is_dir():
-            raise InputError(f"{path} is not a folder; give run folders (or folders of runs)")
+            raise ConfigError(f"{path} is not a folder; give run folders (or folders of runs)")
         found = [path] if (path / "metrics.jsonl").is_file() else sorted(p.parent for p in path.rglob("metrics.jsonl"))
         if not found:
-            raise InputError(f"no metrics.jsonl in or below {path}; give the folders train.py wrote")
+            raise ConfigError(f"no metrics.jsonl in or below {path}; give the folders train.py wrote")
         quiet = [p.name for p in sorted(path.iterdir()) if p.is_dir() and p not in found and is_run_folder(p)]
         if quiet:  # runs that logged no step (refused, or stopped while starting): said, not silently dropped
             print(f"note: {len(quiet)} run folder{'s' * (len(quiet) > 1)} in {path} without metrics.jsonl (no step "
@@ -73,7 +69,7 @@ def read_curves(folder):
         print(f"warning: {folder / 'metrics.jsonl'}: {len(skipped)} damaged line{'s' * (len(skipped) > 1)} "
               f"({lines}) left out of the plot", file=sys.stderr)
     if not epochs:
-        raise InputError(f"{folder}/metrics.jsonl has no {'readable' if skipped else 'finished'} epoch"
+        raise ConfigError(f"{folder}/metrics.jsonl has no {'readable' if skipped else 'finished'} epoch"
                          f"{'' if skipped else ' yet'}; nothing to plot")
     steps_per_epoch = epochs[0]["step"] / epochs[0]["epoch"]
     return {"epoch": [r["epoch"] for r in epochs], "train_loss": [r["train/loss"] for r in epochs],
@@ -193,7 +189,7 @@ def main(argv=None):
         folders = run_folders(args.runs)
         figures.check_output_file(out, own=folders, formats=FORMATS)  # before any run is read or anything drawn
         curves = {folder: read_curves(folder) for folder in folders}  # every run readable before anything is drawn
-    except (InputError, figures.OutputError, OSError) as e:
+    except (ConfigError, figures.OutputError, OSError) as e:
         return refuse(e)
     try:
         plot(curves, out)

@@ -399,7 +399,7 @@ def test_a_setting_of_a_measurement_not_asked_for_is_refused(option, modes):
     if mode in modes:
         sharpness.parse(argv)
     else:
-        with pytest.raises(sharpness.InputError, match=f"{option} is a setting of {mode}, which this command"):
+        with pytest.raises(sharpness.ConfigError, match=f"{option} is a setting of {mode}, which this command"):
             sharpness.parse(argv)
 
 
