@@ -25,10 +25,10 @@ class Splits:
     num_classes: int
 
 
-def sizes(images, subset=0, val_split=0.0, batch_size=None, label_noise=0.0):
+def sizes(images, subset, val_split, batch_size, label_noise):
     """(training images, validation images) that `subset` and `val_split` leave of `images` training
-    images; ValueError naming the fix when either is empty or smaller than one `batch_size`, or when
-    --subset or --label-noise would do nothing (all images; no label changed)."""
+    images; ValueError naming the fix when either is empty or smaller than one `batch_size` (None: any
+    size), or when --subset or --label-noise would do nothing (all images; no label changed)."""
     if subset >= images:
         raise ValueError(f"--subset {subset} is {'all' if subset == images else 'more than'} the {images} training "
                          f"images; use fewer, or leave it out for all")
@@ -54,7 +54,7 @@ def make_splits(data, subset=0, val_split=0.0, label_noise=0.0, seed=0, noise_ru
     labels' rule `noise_rule` (above), drawn with `seed`; validation and test labels stay clean."""
     train_x, train_y = data.train_images, data.train_labels
     test_x, test_y = data.test_images, data.test_labels
-    keep, held = sizes(len(train_y), subset, val_split, label_noise=label_noise)
+    keep, held = sizes(len(train_y), subset, val_split, None, label_noise)
     if subset:
         train_x, train_y, test_x, test_y = train_x[:subset], train_y[:subset], test_x[:subset], test_y[:subset]
     eval_sets = {"test": (test_x, test_y)}
