@@ -46,6 +46,9 @@ and for DistributedDataParallel, see `frozen_bn_stats` and `local_gradients` bel
 
 import contextlib
 import math
+import numbers
+
+import numpy as np
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -60,21 +63,27 @@ class SAM(torch.optim.Optimizer):
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise TypeError(f"base_optimizer must be an optimizer class such as torch.optim.SGD, "
                             f"got {base_optimizer!r}")
-        if not (isinstance(p, (int, float)) and 1 < p <= float("inf")):
-            raise ValueError(f"p must be a number in (1, inf], got {p!r}")
+        checked = _checked(dict(eps=eps, p=p, second_order=second_order))
+        self.eps, self.p, self.second_order = checked["eps"], checked["p"], checked["second_order"]
+        self.q = 1.0 if self.p == float("inf") else self.p / (self.p - 1)  # the dual exponent
+        self._perturbed = None  # (params, backups) between first_step and second_step
+        self._first = None      # second_order: (params, first-pass gradients with their graph, ||g||)
+        self._ascended = False  # first_step() (or perturbation(grads)) done, second_step() due
         super().__init__(params, dict(rho=rho, adaptive=adaptive, eta=eta, **base_kwargs))
-        for group in self.param_groups:
-            _check_group(group)
-        if second_order and (p != 2 or any(g["adaptive"] for g in self.param_groups)
-                             or len({g["rho"] for g in self.param_groups}) > 1):
-            raise ValueError("second_order=True supports p=2, adaptive=False and one rho for all groups")
-        self.eps, self.p, self.second_order = eps, p, second_order
-        self.q = 1.0 if p == float("inf") else p / (p - 1)  # the dual exponent
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
-        self._perturbed = None  # (params, backups) between first_step and second_step
-        self._first = None      # second_order: (params, first-pass gradients with their graph, ||g||)
+
+    def add_param_group(self, param_group):
+        """Optimizer.__init__ adds every group here too: each one, with the defaults filled in, has its
+        hyperparameters checked (ValueError) and made plain floats and bools."""
+        if {"eps", "p", "second_order"} & param_group.keys():
+            raise ValueError("eps, p and second_order hold for all groups: pass them to SAM(...), not in a group")
+        param_group.update(_checked({**self.defaults, **param_group}))
+        if self.second_order and (self.p != 2 or param_group["adaptive"] or any(
+                g["rho"] != param_group["rho"] for g in self.param_groups)):
+            raise ValueError("second_order=True supports p=2, adaptive=False and one rho for all groups")
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def perturbation(self, grads=None, in_place=False):
@@ -85,8 +94,12 @@ class SAM(torch.optim.Optimizer):
         grads: None for the parameters' .grad; or, for m-sharpness, {param: G x param.shape}, the
         gradients of G groups of examples: each group k gets its own e_k and norm from its own g_k.
         in_place: scale the gradients themselves into e (when they are discarded next).
-        -> (params, [e per param], norm): norm is a 0-dim tensor, or of shape (G,) for groups."""
+        -> (params, [e per param], norm): norm is a 0-dim tensor, or of shape (G,) for groups.
+        With grads this is the ascent of a step: second_step() follows (w itself never moves)."""
         grouped = grads is not None
+        if grouped:
+            _check_grouped(grads)
+            self._ascended = True
         entries, norms = [], []
         for group in self.param_groups:
             params = [p for p in group["params"] if (p in grads if grouped else p.grad is not None)]
@@ -128,6 +141,8 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def first_step(self, zero_grad=False):
         """Ascend to w + e. Returns the ascent gradient norm as a device tensor (no host sync)."""
+        if self._ascended:
+            raise RuntimeError("first_step() called twice: call second_step() after each first_step()")
         if self.second_order:
             grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
             if not any(g.requires_grad for g in grads):
@@ -142,6 +157,7 @@ class SAM(torch.optim.Optimizer):
             torch._foreach_copy_(backups, weights)
             torch._foreach_add_(weights, perturbations)
             self._perturbed = (params, backups)
+        self._ascended = True
         if zero_grad:
             self.zero_grad()
         return norm
@@ -170,6 +186,10 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def second_step(self, zero_grad=False, scaler=None):
         """Restore w (see restore()) and step the base optimizer."""
+        if not self._ascended:
+            raise RuntimeError("second_step() without first_step(): call first_step() after the first backward, "
+                               "then second_step() after the second")
+        self._ascended = False
         self.restore()
         if scaler is None:
             self.base_optimizer.step()
@@ -228,15 +248,43 @@ def _mul(a, b):
     return [x * y for x, y in zip(a, b)]
 
 
-def _check_group(group):
-    """Every number SAM itself uses (rho, eta, and the base optimizer's lr, momentum and weight decay
-    where present): a finite number >= 0, else ValueError. nan and inf would train to nan silently."""
-    for key in ("rho", "eta", "lr", "momentum", "weight_decay"):
-        value = group.get(key, 0.0)
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
+def _check_grouped(grads):
+    """perturbation's grads: {param: (G, *param.shape)}, one G >= 1 for all, else ValueError."""
+    sizes = {g.shape[0] if g.dim() == p.dim() + 1 and g.shape[1:] == p.shape else 0 for p, g in grads.items()}
+    if len(sizes) > 1 or 0 in sizes:
+        raise ValueError("perturbation(grads) takes {param: tensor of shape (G, *param.shape)} with one G >= 1 "
+                         f"for all, got shapes {[tuple(g.shape) for g in grads.values()]}")
+
+
+# What SAM checks in each param group, the base optimizer's lr, momentum and weight decay included (and eps,
+# p, second_order once): key -> (lowest, highest, why). Within them no float32 step overflows:
+# |e_i| <= rho (|w_i| + eta), rho / eps <= 1e32, and |Tg|^q in the norm (q = p / (p - 1) <= 3) stays finite.
+_F32_MAX = float(torch.finfo(torch.float32).max)
+_RANGES = {"rho": (0, 100, "a larger ascent overflows float32 weights"),
+           "eta": (0, 100, "ASAM's T_w = |w| + eta scales the ascent"),
+           "eps": (1e-30, 1e-3, "guards 0/0 only; rho / eps must stay finite in float32"),
+           "p": (1.5, math.inf, "as p nears 1, |g|^(p/(p-1)) overflows float32; the paper uses 2 and inf"),
+           **{k: (0, _F32_MAX, "finite in float32") for k in ("lr", "momentum", "weight_decay")}}
+
+
+def _checked(values):
+    """values with SAM's hyperparameters checked, one ValueError line each, and made plain: a flag must be
+    a bool (numpy's too); a number any real number type (numpy scalars, a one-element tensor), not a bool.
+    Tensors stay tensors for the base optimizer (torch's SGD takes a tensor lr)."""
+    out = dict(values)
+    for key, value in values.items():
+        if key in ("adaptive", "second_order"):
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{key} must be True or False, got {value!r}")
+            out[key] = bool(value)
+        elif key in _RANGES:
+            low, high, why = _RANGES[key]
+            number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+            if isinstance(number, bool) or not isinstance(number, numbers.Real) or not low <= number <= high:
+                raise ValueError(f"{key} must be a real number in [{low:g}, {high:g}] ({why}), got {value!r}")
+            tensor = isinstance(value, torch.Tensor) and key not in ("rho", "eta")
+            out[key] = value if tensor else float(number)
+    return out
 
 
 @contextlib.contextmanager

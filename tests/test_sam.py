@@ -6,10 +6,11 @@ import math
 import warnings
 import weakref
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from torch.func import functional_call
 
 from sam import SAM, frozen_bn_stats
@@ -467,7 +468,7 @@ def test_second_order_needs_the_graph_and_plain_sam():
     for kwargs in (dict(p=float("inf")), dict(adaptive=True)):
         with pytest.raises(ValueError, match="second_order=True supports"):
             SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, second_order=True, **kwargs)
-    with pytest.raises(ValueError, match="p must be a number in"):
+    with pytest.raises(ValueError, match="p must be a real number in"):
         SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, p=1.0)
     first, *rest = model.parameters()  # one rho for the Hessian-vector product: two are refused
     with pytest.raises(ValueError, match="one rho for all groups"):
@@ -505,28 +506,167 @@ def test_the_api_defaults_are_davda54s():
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), second))  # not zeroed either
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.sampled_from(["rho", "eta", "lr", "momentum", "weight_decay"]),
-       st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5)))
-def test_sam_refuses_every_number_it_cannot_train_with(key, value):
-    """Generated values of each argument: a ValueError, or a step that leaves the weights finite."""
+# ---- hostile hyperparameters and misuse of the two-call API ----
+
+NAN, INF = float("nan"), float("inf")
+SAM_KEYS, BASE_KEYS = ("rho", "eta", "eps", "p"), ("lr", "momentum", "weight_decay")
+FLAGS = ("adaptive", "second_order")
+VALID = {  # the paper's grid, davda54/sam's and ASAM's defaults, the configs' values
+    "rho": [0, 0.01, 0.05, 0.1, 0.5, 1, 2, 10], "eta": [0, 0.01, 1], "eps": [1e-12, 1e-8, 1e-16],
+    "p": [2, 1.5, 3, INF], "lr": [0, 0.05, 0.1, 1], "momentum": [0, 0.9], "weight_decay": [0, 5e-4]}
+NOT_FLAGS = ["false", "False", "True", 0, 1, 2, 1.0, None, np.int64(1), torch.tensor(True)]
+NOT_NUMBERS = [True, False, np.True_, "0.1", None, [0.1], 1j, torch.tensor([0.1, 0.2]), torch.tensor(True)]
+REFUSED = {  # beyond NOT_NUMBERS, nan and every negative number
+    "rho": [INF, 1e308, np.float64(1e39)], "eta": [INF, 1e308], "eps": [0, INF, 1e-300, 1e308],
+    "p": [1, 1.0000001, 1 + 1e-12, 0.5, 0], **{k: [INF, 1e39, 1e308] for k in BASE_KEYS}}
+
+
+def all_types(v):
+    """v as every real number type a caller may pass: float, numpy floats, a 0-dim tensor, ints if whole."""
+    whole = math.isfinite(v) and v == int(v)
+    floats = [float(v), np.float32(v), np.float64(v), torch.tensor(float(v))]
+    return floats + ([int(v), np.int64(v)] if whole else [])
+
+
+def hyperparameters(key):
+    """(value, verdict): "accept", "refuse", or "either" (ValueError or a finite step; refused if nan, negative
+    or, but for p, infinite)."""
+    if key in FLAGS:
+        return st.one_of(st.sampled_from([True, False, np.True_, np.False_]).map(lambda v: (v, "accept")),
+                         st.sampled_from(NOT_FLAGS).map(lambda v: (v, "refuse")))
+    return st.one_of(
+        st.sampled_from(VALID[key]).flatmap(lambda v: st.sampled_from(all_types(v))).map(lambda v: (v, "accept")),
+        st.sampled_from(NOT_NUMBERS + REFUSED[key] + [NAN, np.float32(NAN), -INF, -1, -1e-9, np.float32(-1)])
+        .map(lambda v: (v, "refuse")),
+        st.one_of(st.floats(), st.floats(width=32).map(np.float32), st.integers(-10**40, 10**40),
+                  st.integers(-2**63, 2**63 - 1).map(np.int64)).map(lambda v: (v, "either")))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["constructor", "group"]), st.sampled_from(SAM_KEYS + BASE_KEYS + FLAGS).flatmap(
+    lambda key: st.tuples(st.just(key), hyperparameters(key))))
+@example("constructor", ("eps", (NAN, "refuse"))).via("hostile tester")
+@example("constructor", ("eps", (-1, "refuse"))).via("hostile tester")
+@example("constructor", ("eps", (INF, "refuse"))).via("hostile tester")
+@example("constructor", ("p", (1.0000001, "refuse"))).via("hostile tester")
+@example("constructor", ("rho", (1e308, "refuse"))).via("hostile tester")
+@example("constructor", ("adaptive", ("false", "refuse"))).via("hostile tester")
+@example("constructor", ("adaptive", (2, "refuse"))).via("hostile tester")
+@example("constructor", ("second_order", ("False", "refuse"))).via("hostile tester")
+@example("group", ("rho", (NAN, "refuse"))).via("hostile tester")
+@example("group", ("rho", (-5, "refuse"))).via("hostile tester")
+@example("group", ("lr", (INF, "refuse"))).via("hostile tester")
+@example("constructor", ("rho", (np.float32(0.05), "accept"))).via("hostile tester")
+@example("constructor", ("rho", (np.int64(1), "accept"))).via("hostile tester")
+@example("group", ("rho", (np.float32(0.05), "accept"))).via("hostile tester")
+def test_every_hyperparameter_is_refused_or_trains_finite(where, drawn):
+    """Hostile values of every argument, given to SAM(...) or to add_param_group: a ValueError (the README's
+    promise, for wrong types too), or one SAM step that leaves every weight finite. Valid values of any real
+    number type (numpy scalars, tensors) are accepted, flags only as bools; eps, p and second_order are for
+    SAM(...), refused in a group. An accepted lr, momentum or weight decay above 1e6 is not stepped with: what
+    it does to the weights is the base optimizer's business."""
+    key, (value, verdict) = drawn
+    if verdict == "either":
+        number = float(value)
+        if math.isnan(number) or number < 0 or (math.isinf(number) and key != "p"):
+            verdict = "refuse"
+    if where == "group" and key in ("eps", "p", "second_order"):
+        verdict = "refuse"
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
-    kwargs = {"lr": 0.1, "rho": 0.05, "momentum": 0.5, **{key: value}}
+    base = dict(lr=0.1, momentum=0.5, adaptive=key == "eta")
     try:
-        optimizer = SAM(model.parameters(), torch.optim.SGD, adaptive=key == "eta", **kwargs)
+        if where == "constructor":
+            optimizer = SAM(model.parameters(), torch.optim.SGD, **{**base, key: value})
+        else:
+            optimizer = SAM([model.weight], torch.optim.SGD, **base)
+            optimizer.add_param_group({"params": [model.bias], "adaptive": key == "eta", key: value})
     except ValueError:
-        assert not (math.isfinite(value) and value >= 0)
+        assert verdict != "accept", (key, value)
         return
-    assert math.isfinite(value) and value >= 0
-    if value > 1e6:
-        return  # accepted: what such a step does is the base optimizer's business
-    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
-    nn.functional.cross_entropy(model(x), y).backward()
+    assert verdict != "refuse", (key, value)
+    if key in FLAGS:
+        assert type(optimizer.param_groups[-1].get(key, optimizer.second_order)) is bool
+    if key in BASE_KEYS and float(value) > 1e6:
+        return
+    x, y = 10 * torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    nn.functional.cross_entropy(model(x), y).backward(create_graph=optimizer.second_order is True)
     optimizer.first_step(zero_grad=True)
     nn.functional.cross_entropy(model(x), y).backward()
     optimizer.second_step(zero_grad=True)
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(p).all() for p in model.parameters()), (key, value)
+
+
+@pytest.mark.filterwarnings(CREATE_GRAPH_CYCLE)
+def test_a_group_added_later_meets_second_orders_terms():
+    """second_order=True needs one rho and no ASAM in every group, added later too; a refused group is not
+    added."""
+    first, *rest = smooth_model().parameters()
+    opt = SAM([first], torch.optim.SGD, rho=RHO, lr=LR, second_order=True)
+    for bad in (dict(rho=0.1), dict(adaptive=True)):
+        with pytest.raises(ValueError, match="second_order=True supports p=2, adaptive=False and one rho"):
+            opt.add_param_group({"params": rest, **bad})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": rest, "rho": np.float64(RHO)})
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["rho"] == RHO
+
+
+def test_first_step_twice_is_refused_and_the_step_stays_right():
+    x, y = batch()
+    model, reference = small_model(), small_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    sam_two_step(reference, SAM(reference.parameters(), torch.optim.SGD, rho=RHO, lr=LR), x, y)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.first_step()
+    with pytest.raises(RuntimeError, match=r"first_step\(\) called twice: call second_step\(\) after each"):
+        opt.first_step()
+    opt.zero_grad()
+    with frozen_bn_stats(model):
+        nn.functional.cross_entropy(model(x), y).backward()
+    opt.second_step(zero_grad=True)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p, q)  # the refused call changed nothing
+
+
+def test_second_step_without_first_step_is_refused():
+    x, y = batch()
+    model = small_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    before = [p.detach().clone() for p in model.parameters()]
+    nn.functional.cross_entropy(model(x), y).backward()
+    order = r"second_step\(\) without first_step\(\): call first_step\(\) after the first backward, then"
+    with pytest.raises(RuntimeError, match=order):
+        opt.second_step()
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))  # no plain SGD step taken
+    opt.zero_grad()
+    sam_two_step(model, opt, x, y)
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match=order):  # one first_step, one second_step
+        opt.second_step()
+
+
+def test_perturbation_takes_gradients_shaped_g_by_the_parameter_and_then_second_step():
+    """perturbation(grads) wants {param: (G, *param.shape)}, one G >= 1 for all: anything else (no group
+    axis, a shape that merely broadcasts, two Gs, G = 0) is refused. Given right, it is the ascent: second_step
+    follows."""
+    model = small_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    params = list(model.parameters())
+    weight, bias = params[0], params[1]  # (8, 5) and (8,)
+    good = {p: torch.randn(8, *p.shape) for p in params}
+    wrongs = ({weight: torch.randn(8, 5)}, {weight: torch.randn(8, 1, 5)}, {bias: torch.randn(8, 1)},
+              {bias: torch.randn(4, 8)}, {weight: torch.randn(8, 8, 5, 1)},
+              {p: torch.randn(0, *p.shape) for p in params})
+    for wrong in wrongs:
+        with pytest.raises(ValueError, match=r"perturbation\(grads\) takes \{param: tensor of shape \(G, \*param"):
+            opt.perturbation({**good, **wrong})
+    with pytest.raises(RuntimeError, match="second_step"):
+        opt.second_step()  # the refused calls were no ascent
+    out, e, norms = opt.perturbation(good)
+    assert [t.shape for t in e] == [good[p].shape for p in out] and norms.shape == (8,)
+    for p in params:
+        p.grad = good[p].mean(0)
+    opt.second_step(zero_grad=True)
 
 
 def test_sam_takes_a_one_element_tensor_and_refuses_bools_strings_and_longer_tensors():
@@ -536,5 +676,5 @@ def test_sam_takes_a_one_element_tensor_and_refuses_bools_strings_and_longer_ten
     assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(0.1)
     for key in ("rho", "lr", "momentum", "weight_decay"):
         for bad in (True, "0.1", torch.tensor([0.1, 0.2]), torch.tensor(float("nan"))):
-            with pytest.raises(ValueError, match=f"{key} must be a finite number"):
+            with pytest.raises(ValueError, match=f"{key} must be a real number in"):
                 SAM(model.parameters(), torch.optim.SGD, **{"lr": 0.1, "rho": 0.05, key: bad})
