@@ -58,7 +58,8 @@ def parse(argv):
     if args.json is not None:
         try:
             run = Path(os.path.realpath(args.run))  # its folder may hold the figures; no other run's may
-            check_output_file(args.json, "--json", example="eval.json", own=[run if run.is_dir() else run.parent])
+            check_output_file(args.json, "--json", example="eval.json", own=[run if run.is_dir() else run.parent],
+                              kind=".json")
         except OutputError as e:
             raise ConfigError(str(e)) from None
     return args
@@ -114,6 +115,9 @@ def array(path):
     if not Path(path).is_file():  # a named pipe would block the reader forever
         raise ConfigError(f"{path} is not a regular file; CIFAR-10.1 and CIFAR-10-C arrays are .npy files")
     try:  # memory-mapped: a header that claims more than the file holds is an error, not an allocation
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":  # np.load also opens .npz archives (and checkpoints: zip files)
+                raise ValueError("no .npy signature")
         return np.load(path, allow_pickle=False, mmap_mode="r")
     except (ValueError, OSError, EOFError) as e:
         raise ConfigError(f"{path} is not a plain .npy array ({type(e).__name__}: {str(e)[:120]}); CIFAR-10.1 and "

@@ -61,10 +61,11 @@ def parse(argv):
     p.add_argument("--landscape", nargs="+", choices=("1d", "2d", "interp"), default=[], metavar="KIND",
                    help="one or more of: 1d, 2d (loss along filter-normalised random directions), interp (along "
                         "the line between the two --compare runs)")
-    p.add_argument("--points", type=int, default=None, help="grid points per axis (default: 25 for 1-D, 11 for 2-D)")
+    p.add_argument("--points", type=int, default=None, help="grid points per axis (default: 25 for 1-D, 11 for 2-D, "
+                   "41 for interp); odd, so the trained weights are on the grid (interp: 4k+1, so both runs are)")
     p.add_argument("--span", type=float, help="landscape coordinates run over [-span, span] (default: 1)")
-    p.add_argument("--batches", type=int, default=4, help="fixed training batches to measure on")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batches", type=int, default=4, help="fixed training batches to measure on (default: 4)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
     p.add_argument("--bn", choices=("eval", "train"), default="eval", help="BatchNorm: running (eval) or batch "
                                                                          "(train) statistics")
     p.add_argument("--seed", type=int, default=0, help="seed of the images, directions and start vectors")
@@ -106,6 +107,12 @@ def parse(argv):
         raise ConfigError(f"--rho must be in [{FLOAT32_TINY:.3g}, 100), got {args.rho}")
     if args.points is not None and not 3 <= args.points <= 201:
         raise ConfigError(f"--points must be in [3, 201], got {args.points}")
+    if args.points is not None and "interp" in args.landscape and (args.points - 1) % 4:
+        raise ConfigError(f"--points {args.points} puts no grid point on the two runs of --landscape interp (alpha 0 "
+                          f"and 1 on [-0.5, 1.5]); use 4k+1 points, e.g. {args.points - (args.points - 1) % 4 or 5}")
+    if args.points is not None and {"1d", "2d"} & set(args.landscape) and args.points % 2 == 0:
+        raise ConfigError(f"--points {args.points} puts no grid point on the trained weights (the centre of "
+                          f"[-span, span]); use an odd number, e.g. {args.points + 1}")
     if not 0 < args.span < 1000:  # false for nan too
         raise ConfigError(f"--span must be a number in (0, 1000), got {args.span}")
     if not 0 <= args.seed < 2**32:  # what numpy's and torch's generators take
@@ -321,6 +328,8 @@ def main(argv=None):
         for m in measured:  # W&B's mode and credentials, resolved before anything is measured
             m.wandb = args.wandb_mode or wandb_mode(m.config.get("wandb_mode"))
             m.wandb = "offline" if m.wandb == "online" and not has_wandb_credentials() else m.wandb
+            if m.wandb != "disabled" and checkpoint.holder(m.dir) is not None:  # W&B writes into the run's wandb/
+                raise ConfigError(f"{checkpoint.in_use(m.dir)}; or add --wandb-mode disabled")
         if len(measured) == 2 and measured[0].name == measured[1].name:  # runs/a/x and runs/b/x
             for m in measured:
                 m.name = str(m.dir)

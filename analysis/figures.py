@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from data.cifar import is_data_folder
-from engine.checkpoint import RUN_FILES, enclosing_run, holder, in_use, is_run_folder
+from engine.checkpoint import RUN_FILES, RUN_FOLDERS, enclosing_run, holder, in_use, is_run_folder
 from engine.config import path_problem, printable
 
 FEW = 20  # series of at most this many points are drawn with a marker on each
@@ -35,8 +35,13 @@ def line(ax, x, y, marker="o", **kwargs):
 
 
 def integer_ticks(axis):
-    """Ticks at whole numbers only (epochs): never 1.0, 1.2, 1.4 on a 2-epoch run."""
+    """Ticks at whole numbers only (epochs): never 1.0, 1.2, 1.4 on a 2-epoch run; a view holding fewer
+    than two whole numbers (one epoch's points) is widened to two units about its middle."""
     from matplotlib.ticker import MaxNLocator
+    low, high = axis.get_view_interval()
+    if math.floor(high) - math.ceil(low) < 1:
+        middle = round((low + high) / 2)
+        axis.set_view_interval(middle - 1, middle + 1, ignore=True)
     axis.set_major_locator(MaxNLocator(integer=True))
 
 
@@ -117,11 +122,13 @@ def run_folder_file(path):
     return None
 
 
-def check_output_file(path, option="--out", example="curves.png", own=(), formats=()):
+def check_output_file(path, option="--out", example="curves.png", own=(), formats=(), kind=None):
     """A file about to be written (or overwritten): its folder exists and is writable, it is not a folder,
     not a file of a run folder train.py wrote, not inside a run folder other than the tool's own runs
-    (`own`: the runs it reads), not inside a data set's folder, and named with one of `formats` (suffixes,
-    when given). OutputError otherwise; nothing is written before every check but the last has passed."""
+    (`own`: the runs it reads), not inside a data set's folder, named with one of `formats` (suffixes,
+    when given), and, when it exists, a file of the `kind` written (a suffix: ".json", ".png", ...; by
+    default the path's own): a tool replaces only what a tool like it wrote, never a checkpoint, a log or
+    a user's file. OutputError otherwise; nothing is written before every check but the last has passed."""
     if not str(path).strip():
         raise OutputError(f"{option} is empty; name the file to write, e.g. {option} {example}")
     path = system_path(path, option)
@@ -138,11 +145,45 @@ def check_output_file(path, option="--out", example="curves.png", own=(), format
                           f"replaces or writes into; choose a file path")
     if formats and path.suffix.lower() not in formats:
         raise OutputError(f"{option} {path}: write a {', '.join(formats)} file")
+    kind = kind or path.suffix.lower()
+    if path.is_file() and not is_kind(path, kind):
+        raise OutputError(f"{option} {path} exists and is not a {kind} file a tool wrote (a tool replaces only its own "
+                          f"kind of output, never a checkpoint, a log or another file); choose another path, or move "
+                          f"that file away first")
     parent = path.parent
     if not parent.is_dir():
         raise OutputError(f"{option} {path}: folder {parent} does not exist; create it or choose another")
     if not writable(parent) or (path.exists() and not writable(path)):
         raise OutputError(f"{option} {path}: {path if path.exists() else parent} is not writable; choose another")
+
+
+MAGIC = {".png": (b"\x89PNG\r\n\x1a\n",), ".pdf": (b"%PDF-",), ".svg": (b"<?xml", b"<svg")}
+TEXT = (".md", ".txt", ".csv")
+
+
+def is_kind(path, kind):
+    """Whether the existing file `path` is empty or a `kind` file (".json": one JSON object, ".png", ".pdf",
+    ".svg": their signature, ".md", ".txt", ".csv": UTF-8 text); of another kind, only when empty."""
+    if kind not in (".json", *MAGIC, *TEXT):
+        return os.path.getsize(path) == 0
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+        whole = not f.read(1)
+    if not head:
+        return True
+    if kind in MAGIC:
+        return head.lstrip().startswith(MAGIC[kind])
+    try:
+        text = head.decode()
+    except UnicodeDecodeError:
+        return False
+    if kind != ".json":
+        return "\0" not in text
+    import json
+    try:
+        return whole and isinstance(json.loads(text), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 def system_path(path, option):
@@ -161,6 +202,10 @@ def check_place(path, option, own=(), folder=False):
     path = system_path(path, option)
     where = path if folder else Path(os.path.realpath(path)).parent
     inside = enclosing_run(where)
+    sub = inside is not None and Path(os.path.realpath(where)).relative_to(inside).parts[:1]
+    if sub and sub[0] in RUN_FOLDERS:
+        raise OutputError(f"{option} {path} is inside run folder {inside}'s {sub[0]}/, which only "
+                          f"{'W&B' if sub[0] == 'wandb' else 'SLURM'} writes; choose a path outside it")
     if inside is not None and inside not in {Path(os.path.realpath(r)) for r in own}:
         raise OutputError(f"{option} {path} is inside run folder {inside}, which this command does not read; "
                           f"that folder holds its own run's records only: choose a path outside it")

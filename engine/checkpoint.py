@@ -110,6 +110,17 @@ def check_belongs(state, earlier, run_dir):
                           f"that run's folder ({found}); put the checkpoint back in its own folder, or start a new run")
 
 
+def finished(run_dir):
+    """Whether a run folder holds a finished run: a results.json naming the run of the folder's config.yaml
+    (a results.json copied from another run, or unreadable, finishes nothing)."""
+    import json
+    try:
+        said = json.loads(read(Path(run_dir) / "results.json")).get("run_id")
+    except (OSError, ValueError, RecursionError, AttributeError, ConfigError):
+        return False
+    return said is not None and str(said) == folder_run_id(run_dir)
+
+
 def folder_run_id(folder):
     """The run id that a run folder's config.yaml names (None: no config.yaml; "" : one without an id)."""
     path = Path(folder) / "config.yaml"

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.splits import sizes
+from data.splits import make_splits, sizes
 from data.cifar import RELEASES, check_files, is_data_folder, load_cifar, resolve_data_dir
 from engine import checkpoint
 from engine.config import ConfigError, idle_sam_prob, m_sharpness_error, path_problem
@@ -59,10 +59,15 @@ def resolve(parsed):
         raise ConfigError(f"batch size {config['batch_size']} does not split evenly over {world_size} "
                           f"processes; use a multiple of {world_size}")
     check_combinations(config, runtime, world_size)
+    meta = (earlier or {}).get("meta") or {}
+    if state is not None and meta.get("precision") not in (None, runtime.precision):  # --precision auto elsewhere
+        raise ConfigError(f"{run_dir} trained in {meta['precision']} (--precision {config['precision']} on "
+                          f"{meta.get('device')}), and here it would continue in {runtime.precision}: a run keeps its "
+                          f"arithmetic; resume it with a --device on which it resolves to {meta['precision']}")
     if rank == 0 and wandb_mode(config["wandb_mode"]) == "online" and not has_wandb_credentials():
         raise ConfigError("W&B online mode needs credentials and we never prompt: run `wandb login` or set "
                           "WANDB_API_KEY, or use --wandb-mode offline")
-    finished = state is not None and state["epoch"] >= config["epochs"] and (run_dir / "results.json").exists()
+    finished = state is not None and state["epoch"] >= config["epochs"] and checkpoint.finished(run_dir)
     if not finished:
         check_writable(run_dir)
         if rank == 0 and checkpoint.holder(run_dir):
@@ -86,6 +91,7 @@ def check(parsed, measure=True):
         c = r.config
         try:  # the splits training would build, from the same arithmetic
             train, held = sizes(len(data.train_labels), c["subset"], c["val_split"], c["batch_size"], c["label_noise"])
+            make_splits(data, c["subset"], c["val_split"], c["label_noise"], c["seed"], c["label_noise_rule"])
         except ValueError as e:
             raise ConfigError(str(e)) from None
         idle = idle_sam_prob(c, train // c["batch_size"])
@@ -157,7 +163,7 @@ def relabel_source(config):
     except ValueError as e:
         raise ConfigError(f"--relabel-from: {e}; pass a finished run's folder or its last.pt") from None
     source = state["config"]
-    if state["epoch"] < source.get("epochs", 0) or not (path.parent / "results.json").is_file():
+    if state["epoch"] < source.get("epochs", 0) or not checkpoint.finished(path.parent):
         raise ConfigError(f"--relabel-from {config['relabel_from']}: that run has not finished (epoch {state['epoch']} "
                           f"of {source.get('epochs')}); finish it first (python train.py --resume {path.parent})")
     if source.get("dataset") != config["dataset"]:

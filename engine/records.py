@@ -52,7 +52,7 @@ def results(run):
            **{k: config[k] for k in ("model", "dataset", "augment", "optimizer", "rho", "seed")},
            "settings": {**{k: config[k] for k in EXPERIMENT}, "precision": run.runtime.precision,
                         "loader": loader_kind(run.config)},  # auto resolved: what the run used
-           "git_commit": run.meta["git_commit"], "dataset_md5": run.meta["dataset_md5"],
+           "run_id": run.meta["wandb_id"], "git_commit": run.meta["git_commit"], "dataset_md5": run.meta["dataset_md5"],
            "dataset_official": run.meta["dataset_official"]}
     if "val/acc" in last:
         out.update(final_val_acc=last["val/acc"], best_val_acc=best.get("best_val_acc"))

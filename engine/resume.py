@@ -71,7 +71,7 @@ def run_folder(parsed):
                               f"folder); move it away and run again")
     earlier = read_run_config(run_dir)
     resume = parsed.resume
-    if resume is None and path.exists() and (run_dir / "results.json").is_file():
+    if resume is None and path.exists() and checkpoint.finished(run_dir):
         changes = experiment_changes(earlier["config"], config) if earlier else None
         if changes or earlier is None:
             what = f"of other settings ({describe(changes)})" if changes else "without a readable config.yaml"
@@ -104,6 +104,11 @@ def run_folder(parsed):
     else:
         raise ConfigError(f"--resume: no checkpoint at {path}; check --out-dir/--name or pass the run folder "
                           f"(its name changes with the settings: see python train.py --check)")
+    named = saved.get("name") or default_name({**defaults(), **known(saved)})
+    if named != run_dir.name:  # a copy's W&B id and records would be another folder's
+        raise ConfigError(f"{run_dir} holds the run {named!r} (so its {'last.pt' if state else 'config.yaml'} says): "
+                          f"the folder was copied or renamed, or its config.yaml edited; a run continues only in a "
+                          f"folder of its own name: rename it back, or start a new run")
     if resume != "auto":  # --resume PATH names the folder: a --name or --out-dir that says otherwise is refused
         for key, named in (("name", run_dir.name), ("out_dir", str(run_dir.parent))):
             same = config[key] == named if key == "name" else Path(config[key]).resolve() == run_dir.parent.resolve()

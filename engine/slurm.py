@@ -63,7 +63,8 @@ class TrainJob:
 
     def __call__(self):
         checkpoint = Path(self.run_dir) / "last.pt"
-        if (Path(self.run_dir) / "results.json").is_file():
+        from engine.checkpoint import finished
+        if finished(self.run_dir):
             return f"{self.name}: finished"
         started = time.time()
         for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGINT):

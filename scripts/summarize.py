@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.config import SAM_ONLY, SETTINGS, ConfigError, OneLineParser, path_problem, read, refuse, setting_in_range, \
     shown  # noqa: E402
 from engine.tracker import has_wandb_credentials  # noqa: E402
+from engine.checkpoint import folder_run_id  # noqa: E402
 from models import model_spec  # noqa: E402
 
 # Two-sided 95% Student t quantiles t_{0.975, df}; beyond the table, the normal value.
@@ -143,6 +144,8 @@ def from_folders(folders, metric):
                 warn(f"{path} is unreadable ({type(e).__name__}); skipped")
                 continue
             why = problem(result, metric)
+            if not why and isinstance(result.get("run_id"), str) and folder_run_id(path.parent) not in (None, result["run_id"]):
+                why = f"its run {result['run_id']} is not the run of the folder's config.yaml: copied from another run"
             if why:
                 warn(f"{path} is not a finished run's record ({why if len(why) < 120 else why[:117] + '...'}); skipped")
                 continue
@@ -324,12 +327,15 @@ def main(argv=None):
                    help="final-epoch error (as the paper reports) or the best epoch's")
     p.add_argument("--wandb-group", help="read the finished runs of this W&B group (scripts/*.sh set one)")
     p.add_argument("--wandb-sweep", help="read the finished runs of this W&B sweep id (wandb agent)")
-    p.add_argument("--wandb-project", default="sam-cifar")
-    p.add_argument("--wandb-entity")
+    p.add_argument("--wandb-project", help=f"where those runs are (default: {SETTINGS['wandb_project'].default})")
+    p.add_argument("--wandb-entity", help="whose project it is (default: yours)")
     p.add_argument("--table4", action="store_true", help="label-noise runs in the layout of the paper's Table 4")
     args = p.parse_args(argv)
     if not args.folders and not (args.wandb_group or args.wandb_sweep):
         p.error("give result folders, --wandb-group or --wandb-sweep")
+    if (args.wandb_project or args.wandb_entity) is not None and not (args.wandb_group or args.wandb_sweep):
+        p.error(f"--wandb-{'project' if args.wandb_project is not None else 'entity'} says where --wandb-group or "
+                f"--wandb-sweep reads runs, and neither is given; add one, or drop it")
     for folder in args.folders:
         if path_problem(folder):
             p.error(f"{folder[:80]} {path_problem(folder)}; give a shorter path")
@@ -345,7 +351,8 @@ def main(argv=None):
     runs = from_folders(args.folders, args.metric) if args.folders else []
     if args.wandb_group or args.wandb_sweep:
         try:
-            runs += from_wandb(args.wandb_group, args.wandb_sweep, args.wandb_project, args.wandb_entity, args.metric)
+            runs += from_wandb(args.wandb_group, args.wandb_sweep, args.wandb_project or SETTINGS["wandb_project"].default,
+                               args.wandb_entity, args.metric)
         except Exception as e:  # the network, a project that does not exist: W&B's own error, in one line
             return refuse(f"reading W&B failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); check "
                           f"--wandb-project/--wandb-entity and the network")

@@ -285,7 +285,8 @@ def test_a_hand_edited_config_yaml_never_resumes_as_what_it_says(box, tmp_path_f
 
 
 @BOUNDED
-@given(st.sampled_from(["labels", "data", "pickle", "bytes keys", "no key", "not a dict", "no meta"]),
+@given(st.sampled_from(["labels", "data", "pickle", "bytes keys", "no key", "not a dict", "no meta", "both keys",
+                        "label shape", "uint64", "a folder", "a link to a device"]),
        st.integers(0, 39),
        st.one_of(st.integers(-3, 300), st.sampled_from([10, -1, 2**40, 2**70, "3", 1.5, 1.0, True, None])))
 @example(what="labels", index=0, value=True)  # one bool among integers: numpy reads the list as integers
@@ -311,14 +312,30 @@ def test_damaged_data_is_refused_before_anything_is_written(box, tmp_path_factor
         entry = [entry["data"], entry["labels"]][: 1 + index % 2]
     elif what == "no meta":
         (path.parent / "batches.meta").unlink()
+    elif what == "both keys":  # which labels are meant is not known
+        entry[b"labels"] = [0] * len(entry["labels"])
+    elif what == "label shape":
+        entry["labels"] = [[label] for label in entry["labels"]]
+    elif what == "uint64":  # 2**64 - 1 is no label, whatever int64 would wrap it to
+        import numpy as np
+        entry["labels"] = np.array(entry["labels"], np.uint64)
+        entry["labels"][index] = np.iinfo(np.uint64).max - (value if type(value) is int and 0 <= value < 10 else 0)
+    elif what in ("a folder", "a link to a device"):
+        path.unlink()
+        path.mkdir() if what == "a folder" else path.symlink_to("/dev/zero")
     else:
         class Payload:
             def __reduce__(self):
                 return (open, (str(marker), "w"))
         entry["extra"] = Payload()
-    pickle.dump(entry, open(path, "wb"), protocol=2)
+    if what not in ("a folder", "a link to a device"):
+        pickle.dump(entry, open(path, "wb"), protocol=2)
     args = [a if a != str(box / "data") else str(folder / "data") for a in fill(TRAIN, box)]
     code = contract(box, train.main, ["--check", *args])
+    if what in ("a folder", "a link to a device"):  # not called missing: it is there, as something else
+        from data.cifar import DataError, load_cifar
+        with pytest.raises(DataError, match="data_batch_2 is not a regular file"):
+            load_cifar("cifar10", str(folder / "data"))
     assert not marker.exists(), "the pickle's payload ran"
     if what in ("bytes keys", "no meta"):
         assert code == 0
@@ -328,7 +345,8 @@ def test_damaged_data_is_refused_before_anything_is_written(box, tmp_path_factor
         assert (data.train_images == reference.train_images).all() and (data.train_labels == reference.train_labels).all()
         if what == "no meta":
             assert "(missing: batches.meta;" in data.note
-    if what in ("pickle", "data", "no key", "not a dict") or (what == "labels" and not (type(value) is int and 0 <= value < 10)):
+    if what in ("pickle", "data", "no key", "not a dict", "both keys", "label shape", "uint64", "a folder",
+                "a link to a device") or (what == "labels" and not (type(value) is int and 0 <= value < 10)):
         assert code == 2  # a label that is not an integer 0-9 (a string, 1.5, even 1.0 or True) is refused
 
 
@@ -347,7 +365,7 @@ def shift_folder(root, kind):
 @BOUNDED
 @given(st.sampled_from(["10.1", "C"]), st.sampled_from(["images", "labels"]),
        st.sampled_from(["missing", "pickle", "truncated", "text", "float", "shape", "range", "length", "empty",
-                        "huge header"]))
+                        "huge header", "npz", "a checkpoint"]))
 @example(kind="C", which="labels", damage="huge header")
 def test_damaged_shift_sets_are_refused_in_one_line(box, tmp_path_factory, kind, which, damage):
     """evaluate.py --data-dir with a CIFAR-10.1 or CIFAR-10-C folder one of whose arrays is damaged:
@@ -372,6 +390,12 @@ def test_damaged_shift_sets_are_refused_in_one_line(box, tmp_path_factory, kind,
         np.save(path, (a.astype(np.int64) + 10) if which == "labels" else a.astype(np.int64))
     elif damage == "length":
         np.save(path, a[:-1])
+    elif damage == "npz":  # np.load opens an .npz archive under any name
+        np.savez(path.with_suffix(".tmp"), a)
+        path.with_suffix(".tmp.npz").rename(path)
+    elif damage == "a checkpoint":  # a zip file too
+        path.unlink()
+        path.symlink_to(box / "runs" / "done" / "last.pt")
     elif damage == "huge header":  # a header claiming terabytes, over a few bytes: never an allocation
         header = str({"descr": a.dtype.str, "fortran_order": False, "shape": (10**12, *a.shape[1:])})
         header += " " * (63 - (len(header) + 10) % 64) + "\n"
@@ -879,3 +903,157 @@ def test_every_parser_reads_an_option_as_its_type_or_refuses_in_one_line(kind, t
             return
     assert isinstance(value, {"int": int, "float": float}.get(kind, str)), value
     assert kind != "choice" or value in ("a", "b")
+
+
+# -- third attack round: W&B's and SLURM's folders, files of another kind, copied runs and records -------------
+@BOUNDED
+@given(st.sampled_from(["wandb", "slurm"]), st.lists(st.sampled_from(["offline-run-1", "files", "."]), max_size=2),
+       st.sampled_from(["run-1.wandb", "debug.log", "new.json", "new.png"]),
+       st.sampled_from(["evaluate --json", "plot --out", "sharpness --out"]))
+def test_no_tool_writes_into_a_runs_w_and_b_or_slurm_folder(box, tmp_path_factory, folder, below, name, tool):
+    """W&B's and submitit's files in a run folder belong to them: any output path inside, existing or new,
+    is refused and nothing there changes."""
+    import plot
+    import sharpness
+    run = tmp_path_factory.mktemp("own") / "done"
+    shutil.copytree(box / "runs" / "done", run)
+    inside = run / folder / Path(*below)
+    inside.mkdir(parents=True, exist_ok=True)
+    (inside / "run-1.wandb").write_bytes(b"\x00W&B binary records\xff")
+    (inside / "debug.log").write_text("W&B's log\n")
+    out = inside / name
+    argv = {"evaluate --json": (evaluate.main, [str(run), "--json", str(out), "--device", "cpu"]),
+            "plot --out": (plot.main, [str(run), "--out", str(out.with_suffix(".png"))]),
+            "sharpness --out": (sharpness.main, [str(run), "--hessian", "1", "--batches", "1", "--batch-size", "8",
+                                                 "--device", "cpu", "--out", str(inside)])}[tool]
+    assert contract(run.parent, *argv) == 2
+
+
+@BOUNDED
+@given(st.one_of(st.binary(max_size=64), st.sampled_from([b"PK\x03\x04torch zip", b"[1, 2]", b"{\"a\": 1}", b"",
+                                                           b"\x89PNG\r\n\x1a\n...", b"%PDF-1.4", b"step,loss\n"])),
+       st.sampled_from([".json", ".png", ".pdf", ".svg", ".pt", ".csv", ""]))
+def test_an_existing_file_is_replaced_only_when_it_is_the_kind_written(tmp_path_factory, content, suffix):
+    """A tool's output may replace an earlier output of its kind (or an empty file), never a checkpoint, a
+    log or a user's file of another kind: the file is left as it was."""
+    import json
+    from analysis.figures import OutputError, check_output_file
+    path = tmp_path_factory.mktemp("kind") / f"out{suffix}"
+    path.write_bytes(content)
+    kind = ".json"  # evaluate's --json writes JSON whatever the name
+    try:
+        json_dict = isinstance(json.loads(content.decode()), dict)
+    except (UnicodeDecodeError, ValueError):
+        json_dict = False
+    try:
+        check_output_file(path, "--json", kind=kind)
+        accepted = True
+    except OutputError as e:
+        accepted = False
+        assert "is not a .json file a tool wrote" in str(e)
+    assert accepted == (not content or json_dict)
+    assert path.read_bytes() == content
+
+
+def test_evaluate_never_replaces_the_checkpoint_it_reads(box, tmp_path):
+    copy = tmp_path / "ck.pt"
+    shutil.copy(box / "runs" / "done" / "last.pt", copy)
+    before = copy.read_bytes()
+    code = contract(tmp_path, evaluate.main, [str(copy), "--json", str(copy), "--device", "cpu"])
+    assert code == 2 and copy.read_bytes() == before
+
+
+@BOUNDED
+@given(st.sampled_from(["half", "done"]), st.sampled_from(["copy", "rename"]))
+def test_a_copied_or_renamed_run_folder_does_not_continue_as_its_own_run(box, tmp_path_factory, run, how):
+    """A run continues only in the folder of its name: a copy would log to the same W&B run from two folders."""
+    parent = tmp_path_factory.mktemp("copied")
+    target = parent / f"{run}-{how}"
+    shutil.copytree(box / "runs" / run, target)
+    if how == "copy":
+        shutil.copytree(box / "runs" / run, parent / run)
+    assert contract(parent, train.main, ["--resume", str(target), "--check"]) == 2
+
+
+@BOUNDED
+@given(st.data())
+def test_an_edited_config_yaml_of_a_run_without_a_checkpoint_is_refused(box, tmp_path_factory, data):
+    """Stopped before its first checkpoint, a run has only its config.yaml: an edit of an experiment setting
+    there would train other settings in a folder whose name states the first ones."""
+    import yaml
+    from engine.config import EXPERIMENT, default_name, defaults
+    from engine.resume import known
+    key = data.draw(st.sampled_from([k for k in EXPERIMENT if k != "relabel_from"]), label="key")
+    saved = yaml.safe_load((box / "runs" / "half" / "config.yaml").read_text())
+    saved["name"] = None
+    parent = tmp_path_factory.mktemp("early")
+    folder = parent / default_name({**defaults(), **known(saved)})
+    folder.mkdir()
+    value = other_value(key, data.draw)
+    assume(saved.get(key) != value)
+    saved[key] = value
+    (folder / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert contract(parent, train.main, ["--resume", str(folder), "--check"]) == 2
+
+
+def test_a_results_json_copied_from_another_run_finishes_nothing(box, tmp_path):
+    """results.json names its run: copied into an unfinished run's folder, the run is not taken as finished
+    (a sweep would skip it, summarize would list it) and summarize skips it, saying why."""
+    import summarize
+    folder = tmp_path / "half"
+    shutil.copytree(box / "runs" / "half", folder)
+    shutil.copy(box / "runs" / "done" / "results.json", folder / "results.json")
+    assert checkpoint.finished(box / "runs" / "done") and not checkpoint.finished(folder)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert summarize.main([str(folder)]) == 2
+    assert "is not the run of the folder's config.yaml" in err.getvalue()
+
+
+@BOUNDED
+@given(st.integers(20, 200), st.floats(1e-4, 0.05), st.integers(0, 2**32 - 1), st.sampled_from(["uniform", "other"]))
+def test_label_noise_is_refused_exactly_when_it_changes_no_label(n, p, seed, rule):
+    """--label-noise p on n images: the labels training would use differ from the clean ones, or the setting
+    is refused (and so never recorded) -- whatever the draw, not only when p n rounds to 0."""
+    import numpy as np
+    from data.splits import make_splits
+    from types import SimpleNamespace
+    labels = np.arange(n) % 10
+    data = SimpleNamespace(train_images=np.zeros((n, 3, 32, 32), np.uint8), train_labels=labels,
+                           test_images=np.zeros((10, 3, 32, 32), np.uint8), test_labels=np.arange(10), num_classes=10)
+    try:
+        noisy = make_splits(data, 0, 0.0, p, seed, rule).train_labels
+    except ValueError as e:
+        assert "changes no label" in str(e)
+        return
+    assert (noisy != labels).any()
+
+
+@BOUNDED
+@given(st.integers(0, 3), st.integers(1, 40), st.integers(0, 3), st.integers(1, 12), st.sampled_from(["", "sam_"]),
+       st.sampled_from(["0123456789", "０１２３４５６７８９", "٠١٢٣٤٥٦٧٨٩"]))
+def test_a_model_has_one_name(zeros_d, depth, zeros_w, width, prefix, digits):
+    """A WideResNet name that is accepted is the one spelling of its depth and width: leading zeros and
+    other scripts' digits would build the same model under another folder name."""
+    from models import model_spec
+    spell = lambda k: "".join(digits[int(c)] for c in str(k))  # noqa: E731
+    name = f"{prefix}wrn{'0' * zeros_d}{spell(depth)}_{'0' * zeros_w}{spell(width)}"
+    try:
+        _, kwargs = model_spec(name)
+    except ValueError:
+        return
+    assert name == f"{prefix}wrn{kwargs['depth']}_{kwargs['width']}"
+
+
+@BOUNDED
+@given(st.sampled_from(["WANDB_RUN_GROUP", "WANDB_TAGS"]), st.text(min_size=0, max_size=8).filter(lambda v: "\0" not in v))
+def test_w_and_b_settings_from_the_environment_are_refused(box, variable, value):
+    """$WANDB_RUN_GROUP and $WANDB_TAGS would set what --wandb-group and --wandb-tags set, behind the run's
+    records (config.yaml would say null)."""
+    assert contract(box, train.main, ["--check", *fill(TRAIN, box)], env={variable: value}) == 2
+
+
+@pytest.mark.parametrize("option", ["--wandb-project", "--wandb-entity"])
+def test_summarize_refuses_w_and_b_places_without_w_and_b_runs_to_read(box, option):
+    import summarize
+    assert contract(box, summarize.main, [str(box / "runs"), option, "x"]) == 2
