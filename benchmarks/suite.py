@@ -361,6 +361,18 @@ def main(argv=None):
         p.error(f"--budget-min must be in (0, 600], got {args.budget_min}")
     if args.smoke and args.data_dir:
         p.error("--smoke trains on synthetic images; drop --data-dir (or --smoke)")
+    if not args.smoke:  # the training stage's data, read and validated as train.py --check does, before any stage
+        from data.cifar import DataError, check_files, load_cifar, resolve_data_dir
+        try:
+            check_files("cifar10", args.data_dir)
+        except DataError as e:
+            if args.data_dir:  # none named and none found: the training stage is skipped, saying so
+                p.error(str(e))
+        else:
+            try:
+                load_cifar("cifar10", str(resolve_data_dir(args.data_dir)))
+            except DataError as e:
+                p.error(str(e))
     args.out = args.out or str(REPO / "benchmarks" / "results" / f"{datetime.date.today().isoformat()}_suite")
     out = Path(args.out)
     try:  # the shared output checks: a path the system takes, no run's or data set's folder, a writable place

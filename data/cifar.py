@@ -87,8 +87,13 @@ def check_files(dataset, data_dir=None, download=False):
                         f"or point --data-dir (or ${DATA_DIR_ENV}) at the folder that holds {release.base_folder}/")
     for name, _ in release.train_list + release.test_list:
         if not (folder / name).is_file():
-            raise DataError(f"missing data file {folder / name}; delete it and run with --download, or rebuild "
-                            f"the folder")
+            raise DataError(f"{not_a_file(folder / name)}; delete it and run with --download, or rebuild the folder")
+
+
+def not_a_file(path):
+    """What a data file that is not a regular file is, in a few words."""
+    return (f"data file {path} is not a regular file (a folder, a device, a named pipe or a broken link)"
+            if os.path.lexists(path) else f"missing data file {path}")
 
 
 def load_cifar(dataset, data_dir=None, download=False):
@@ -146,13 +151,17 @@ class _ArraysOnly(pickle.Unpickler):
 def _read_batch(path, label_key, num_classes):
     fix = "delete it and run with --download, or rebuild the folder"
     if not path.is_file():
-        raise DataError(f"missing data file {path}; {fix}")
+        raise DataError(f"{not_a_file(path)}; {fix}")
     try:
         with open(path, "rb") as f:
             entry = _ArraysOnly(f, encoding="latin1").load()
         if not isinstance(entry, dict):
             raise TypeError(f"it holds a {type(entry).__name__}, not a CIFAR batch (a dict of data and {label_key})")
-        entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}  # Python 3 dumps
+        decoded = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}  # Python 3 dumps
+        if len(decoded) != len(entry):
+            raise ValueError("it holds a key both as bytes and as text (b'labels' and 'labels'), so which is "
+                             "meant is not known")
+        entry = decoded
         absent = [k for k in ("data", label_key) if k not in entry]
         if absent:
             raise ValueError(f"it has no {' or '.join(absent)} entry (its keys: {', '.join(map(str, entry))[:80]}), "
@@ -163,16 +172,18 @@ def _read_batch(path, label_key, num_classes):
         if raw.dtype.kind not in "iu" or odd is not None:  # strings, floats, bools (even among ints), refused
             raise TypeError(f"its {label_key} hold {odd!r}, not an integer" if odd is not None else
                             f"its {label_key} are {raw.dtype} values, not integers")
-        labels = raw.astype(np.int64)
+        if raw.ndim != 1:
+            raise ValueError(f"its {label_key} have shape {raw.shape}, not one label per image")
+        labels = raw  # int64 once in range: a uint64 past int64's range is reported as it is
     except Exception as e:  # truncated, corrupt, hostile, or not a CIFAR batch at all
         raise DataError(f"cannot read data file {path} ({type(e).__name__}: {e}); {fix}") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
         raise DataError(f"data file {path} has data of shape {data.shape} ({data.dtype}) and "
                         f"{len(labels)} labels, expected N x 3072 uint8 and N labels; {fix}")
-    if len(labels) == 0 or labels.ndim != 1 or labels.min() < 0 or labels.max() >= num_classes:
+    if len(labels) == 0 or labels.min() < 0 or labels.max() >= num_classes:
         found = f"labels from {labels.min()} to {labels.max()}" if labels.size else "no images"
         raise DataError(f"data file {path} holds {found}, expected labels 0..{num_classes - 1}; {fix}")
-    return data.reshape(-1, 3, 32, 32), labels
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 def _fingerprint(dataset, folder, release):

@@ -62,7 +62,10 @@ def make_splits(data, subset=0, val_split=0.0, label_noise=0.0, seed=0, noise_ru
         eval_sets["val"] = (train_x[keep:], train_y[keep:])
         train_x, train_y = train_x[:keep], train_y[:keep]
     if label_noise:
-        train_y = noisy_labels(train_y, label_noise, data.num_classes, seed, noise_rule)
+        clean, train_y = train_y, noisy_labels(train_y, label_noise, data.num_classes, seed, noise_rule)
+        if (train_y == clean).all():  # the uniform rule may redraw a few labels onto themselves
+            raise ValueError(f"--label-noise {label_noise} ({noise_rule}) changes no label of these {len(clean)} "
+                             f"training images with seed {seed}; raise it, or use 0 for clean labels")
     return Splits(train_x, train_y, eval_sets, data.num_classes)
 
 

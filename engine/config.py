@@ -90,8 +90,8 @@ SETTINGS = {
                   "SAM; ASAM is configs/wrn28-10_asam.yaml"),
     "eta": S(float, 0.01, "ASAM's eta in T_w = |w| + eta (--adaptive only)",
              "Kwon et al. 2021; SamsungLabs/ASAM asam.py ASAM(eta=0.01)", bounds="[0, 1]"),
-    "sam_p": S(float, 2.0, "ascent over a p-norm ball, 1 < p <= inf (SAM only)",
-               f"{PAPER} Appendix C.5 (p = 2 in every main result)", bounds="(1, inf]"),
+    "sam_p": S(float, 2.0, "ascent over a p-norm ball, 1.5 <= p <= inf (nearer 1, |g|^(p/(p-1)) overflows; SAM only)",
+               f"{PAPER} Appendix C.5 (p = 2 in every main result)", bounds="[1.5, inf]"),
     "sam_second_order": S(bool, False, "keep SAM's second-order term (a Hessian-vector product per step)",
                           f"{PAPER} Appendix C.4 (dropped in every main result)"),
     "sam_start_epoch": S(int, 0, "late-phase SAM: SGD steps before this epoch, SAM steps from it (SAM only)",
@@ -305,8 +305,15 @@ class _StrictLoader(yaml.SafeLoader):
     yes/no/on/off are booleans, 0x10 is 16), are refused instead of silently read."""
 
     def construct_mapping(self, node, deep=False):
-        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
-        twice = sorted({str(k) for k in keys if keys.count(k) > 1})
+        seen, twice = set(), set()
+        for k, _ in node.value:
+            key = self.construct_object(k, deep=deep)
+            try:
+                twice.update({str(key)} if key in seen else ())
+                seen.add(key)
+            except TypeError:  # a key YAML allows and Python cannot hash (a list): refused later as unknown
+                pass
+        twice = sorted(twice)
         if twice:
             raise yaml.YAMLError(f"key {twice[0]!r} is given twice (line {node.start_mark.line + 1}); keep one")
         return super().construct_mapping(node, deep=deep)
@@ -374,7 +381,9 @@ def load_yaml(path, _seen=(), named_by="--config"):
     try:
         values = yaml.load(read(path).decode(), Loader=_StrictLoader) or {}
     except (yaml.YAMLError, RecursionError, ValueError) as e:  # ValueError: an int of over 4300 digits
-        raise ConfigError(f"config file {path} is not valid YAML ({str(e).splitlines()[0][:160]})") from None
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+        said = f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark and problem else str(e).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML ({said[:160]}); fix it there") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {path} ({e}); pass a readable YAML file") from None
     if not isinstance(values, dict):
@@ -533,6 +542,10 @@ def validate(config, flags=frozenset()):
     if config["subset"] and config["subset"] < config["batch_size"]:
         raise ConfigError(f"--subset {config['subset']} holds fewer images than one batch of {config['batch_size']}; "
                           f"raise --subset or lower --batch-size")
+    for key, variable in (("wandb_group", "WANDB_RUN_GROUP"), ("wandb_tags", "WANDB_TAGS")):
+        if os.environ.get(variable) is not None:  # W&B would apply it, and the run's records would not state it
+            raise ConfigError(f"${variable} sets W&B's {key[6:]} outside the run's settings, so its records would not "
+                              f"state it; unset it, and give {flag(key)} instead")
     mode = config["wandb_mode"] or os.environ.get("WANDB_MODE")  # the flag, else W&B's own variable
     if mode == "disabled":
         for key in ("wandb_project", "wandb_entity", "wandb_group", "wandb_tags", "save_artifact"):

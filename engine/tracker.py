@@ -60,7 +60,7 @@ def wandb_mode(flag):
 
 def no_links(path, flags):
     """An opener for a run's appended files: never through a link (it would write into another's file)."""
-    return os.open(path, flags | os.O_NOFOLLOW)
+    return os.open(path, flags | os.O_NOFOLLOW, 0o666)  # the umask decides, as open() does (os.open: 0o777)
 
 
 def wandb_dir(run_dir):

@@ -15,7 +15,7 @@ import re
 from models.resnet import JiangResNet32, ResNet18, ResNet32
 from models.wide_resnet import SamWideResNet, WideResNet, check_wide_resnet
 
-_WRN = re.compile(r"(sam_)?wrn(\d+)_(\d+)")
+_WRN = re.compile(r"(sam_)?wrn([1-9][0-9]*)_([1-9][0-9]*)")  # one spelling per model: ASCII digits, no leading 0
 _FIXED = {"resnet18": ResNet18, "resnet32": ResNet32, "resnet32_jiang": JiangResNet32}
 _NAMED = ("sam_wrn28_10", "wrn28_10", "wrn16_8", *_FIXED)
 _OPTIONS = {WideResNet: ("dropout", "norm"), SamWideResNet: ("norm",), ResNet18: (), ResNet32: (), JiangResNet32: ()}
