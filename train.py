@@ -157,8 +157,9 @@ def data_loaders(config, data, runtime, dist=Dist(), relabel=None):
 def train(run, stopper):
     config, dist = run.config, run.dist
     stopper.training(config["checkpoint_every_min"], dist.control if dist.enabled else None, interrupted=lambda: (
-        f"\ninterrupted in epoch {run.epoch + 1}, at step {run.step}; {saved_note(run)}. Continue with: "
-        f"python train.py --resume {run.dir}"))  # what a second Ctrl-C says as it ends the process
+        f"\ninterrupted in epoch {run.epoch + 1}, at step {run.step}; {saved_note(run, stopper.saved_step)}. "
+        f"Continue with: python train.py --resume {run.dir}"))  # what a second Ctrl-C says as it ends the process
+    stopper.saved_step = run.step if run.step else None  # a resumed run: last.pt holds the step it resumed at
     tracker = start_tracking(run) if dist.main else None
     run.started, first, first_batch = time.perf_counter(), run.epoch, run.batch
     if stopper.poll(after_step=False)[0]:  # a signal while starting: no step taken, nothing new to checkpoint
@@ -324,7 +325,7 @@ def save_checkpoint(run, metrics, stopper):
             "sam_steps": run.sam_steps, "best": run.best, "metrics": run.last_metrics, "wall_time": wall_time(run),
             "config": run.config, "run_id": run.meta["wandb_id"], "data_md5": run.meta["dataset_md5"]}),
             run.dir / "last.pt")
-    stopper.saved()
+    stopper.saved(run.step)
     if run.dist.enabled:
         torch.distributed.barrier()
 

@@ -75,6 +75,7 @@ class Stopper:
         self.last_save = self.last_poll = time.monotonic()
         self.step_s = None  # how long the last step took (between two polls)
         self.interrupted = None  # -> the line a second Ctrl-C prints as it ends the process
+        self.saved_step = None  # the step last.pt holds, once known
         self._previous, self._seen, self._answered = {}, [], threading.Event()
 
     def training(self, every_min=0.0, control=None, interrupted=None):
@@ -134,12 +135,12 @@ class Stopper:
                 say(self.interrupted() if self.interrupted else "\ninterrupted by Ctrl-C: stopped at once")
             os._exit(INTERRUPTED)
         if len(self._seen) == 1 and main:
-            pace = f"a step takes about {self.step_s:.1f} s here" if self.step_s else "the first step is under way"
+            pace = f"a step takes about {self.step_s:.1f} s here" if self.step_s else "no step has ended yet"
             say(f"\n{signal_name(signum)}: stopping after the step in flight ({pace}), which is then checkpointed"
                 + ("; press Ctrl-C again to stop now without it" if signum == signal.SIGINT else ""))
 
-    def saved(self):
-        self.last_save = time.monotonic()
+    def saved(self, step):
+        self.last_save, self.saved_step = time.monotonic(), step
 
     def poll(self, after_step=True):
         """-> (stop, checkpoint due), agreed by all ranks: any rank's signal stops them all; rank 0's
@@ -206,10 +207,12 @@ def stop(run, message, tracker):
     sys.exit(1)
 
 
-def saved_note(run):
+def saved_note(run, step=None):
     if not (run.dir / "last.pt").is_file():
         return "no step was checkpointed, so nothing was saved"
-    return f"the last good checkpoint {run.dir / 'last.pt'} is intact"
+    held = f" and holds step {step}" + (f" (steps {step + 1}-{run.step} are lost)" if run.step > step + 1 else
+                                          f" (step {run.step} is lost)" if run.step > step else "")
+    return f"the last good checkpoint {run.dir / 'last.pt'} is intact" + (held if step is not None else "")
 
 
 def fix_hint(run):

@@ -147,9 +147,12 @@ def plot(curves, out):
                 values = [r[key][:length] for r in runs]
                 mean = [sum(v) / len(v) for v in zip(*values)]
                 figures.line(ax, x, mean, color=color, label=label, linestyle=look["linestyle"], marker=look["marker"])
+                low, high = [min(v) for v in zip(*values)], [max(v) for v in zip(*values)]
                 if len(runs) > 1 and length > 1:
-                    ax.fill_between(x, [min(v) for v in zip(*values)], [max(v) for v in zip(*values)], color=color,
-                                    alpha=0.2, linewidth=0)
+                    ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0)
+                elif len(runs) > 1:  # one epoch: the seeds' range as an error bar (a band of one point is nothing)
+                    ax.errorbar(x, mean, yerr=[[m - lo for m, lo in zip(mean, low)], [hi - m for m, hi in zip(mean, high)]],
+                                color=color, linestyle="none", capsize=4)
                 if key == "train_loss":
                     losses += [v for r in values for v in r]
             run = runs[0]  # one seed's schedule: the seeds of an experiment share it

@@ -276,3 +276,23 @@ def test_damaged_metrics_lines_are_left_out_with_one_warning_naming_them(tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"warning: {tmp_path / 'r' / 'metrics.jsonl'}: 3 damaged lines (7, 8, 9) left out of the plot"]
     assert (tmp_path / "c.png").is_file()
+
+
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_runs_of_one_epoch_have_whole_epoch_ticks_and_their_seeds_range(tmp_path, seeds):
+    """One epoch is one point per curve: the epoch axis still shows whole numbers around it (matplotlib's
+    integer locator gives up when the view holds one), and two seeds' range is an error bar (a band of one
+    point draws nothing)."""
+    folders = []
+    for seed in range(seeds):
+        write_run(tmp_path / f"x-seed{seed}", [2.3 + 0.1 * seed])
+        folders.append(tmp_path / f"x-seed{seed}")
+    fig = draw_curves(folders, tmp_path)
+    loss = fig.axes[0]
+    low, high = loss.get_xlim()
+    ticks = [t for t in loss.get_xticks() if low <= t <= high]
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+    bars = [c for c in loss.containers if type(c).__name__ == "ErrorbarContainer"]
+    assert len(bars) == (seeds > 1)
+    if bars:
+        assert sorted(cap.get_ydata()[0] for cap in bars[0].lines[1]) == pytest.approx([2.3, 2.4])  # min and max
