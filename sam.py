@@ -141,8 +141,8 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def first_step(self, zero_grad=False):
         """Ascend to w + e. Returns the ascent gradient norm as a device tensor (no host sync)."""
-        if self._ascended:
-            raise RuntimeError("first_step() called twice: call second_step() after each first_step()")
+        if self._perturbed is not None:  # a second ascent would save w + e as w
+            raise RuntimeError("first_step() called twice: call second_step() (or restore()) after each first_step()")
         if self.second_order:
             grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
             if not any(g.requires_grad for g in grads):

@@ -618,7 +618,7 @@ def test_first_step_twice_is_refused_and_the_step_stays_right():
     sam_two_step(reference, SAM(reference.parameters(), torch.optim.SGD, rho=RHO, lr=LR), x, y)
     nn.functional.cross_entropy(model(x), y).backward()
     opt.first_step()
-    with pytest.raises(RuntimeError, match=r"first_step\(\) called twice: call second_step\(\) after each"):
+    with pytest.raises(RuntimeError, match=r"first_step\(\) called twice: call second_step\(\) \(or restore\(\)\) after each"):
         opt.first_step()
     opt.zero_grad()
     with frozen_bn_stats(model):
