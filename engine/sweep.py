@@ -12,7 +12,14 @@ command line per run; this module takes those lines and does the rest:
    each through submitit (--launcher slurm; engine/slurm.py).
 
 A run whose --relabel-from source (Table 4's Bootstrap rows) has not finished waits: the local queue
-starts it once its source, in the same sweep, has finished; otherwise run the same command again."""
+starts it once its source, in the same sweep, has finished; otherwise run the same command again.
+
+A stop signal (engine/stopping.py's: Ctrl-C, kill, a closed terminal, ...) to the local queue reaches
+each running train.py once, which checkpoints the step in flight; no further run starts, and the sweep
+exits with train.py's stop code (75; 130 for Ctrl-C) and one line: the same command resumes the runs.
+Each train.py runs in its own session, so a terminal's Ctrl-C reaches it once (through the sweep), and a
+second Ctrl-C still means "stop now". A signal that ends the calling script (scripts/*.sh, whose shell
+does not exec the sweep) stops the runs as SIGTERM does."""
 
 import argparse
 import contextlib
@@ -20,6 +27,7 @@ import io
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -28,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config import ConfigError, OneLineParser, build_parser, default_name, flag, parse_config, refuse
+from engine.stopping import INTERRUPTED, STOP_SIGNALS, STOPPED, StoppedStarting, exit_code, say, signal_name
 from engine.tracker import no_links, wandb_mode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +96,16 @@ def parse(argv):
     slurm.add_argument("--slurm-arg", action="append", metavar="KEY=VALUE", help="any other sbatch option")
     own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     options = p.parse_args(own)
+    try:  # what the sweep hands each train.py, checked as train.py checks the same values (W&B on: a group is
+        # only given to runs that log to W&B)
+        parse_config(["--out-dir", options.out_dir, "--wandb-mode", "offline",
+                      *([f"--wandb-group={options.group}"] if options.group is not None else [])])
+    except ConfigError as e:
+        p.error(str(e).replace("--wandb-group", "--group"))
     if options.reads is not None:
+        unknown = [v for v in options.reads.split() if v not in VARIABLES]
+        if unknown:  # a script that says it reads a variable no script reads: the refusals of others would be off
+            p.error(f"--reads names {unknown[0]}, which is no sweep variable (they are {' '.join(VARIABLES)})")
         unread = [v for v in VARIABLES if v in os.environ and v not in options.reads.split()]
         if unread:
             p.error(f"${unread[0]} is set, but this script does not read it (it reads {options.reads}), so it would "
@@ -155,9 +173,20 @@ def resolve_line(line, extra, extra_keys, options):
                           f"set it through the script's environment variables{reads}")
     args = [*words, *extra, "--out-dir", options.out_dir]
     config = parse_config(args).config
+    folder = Path(options.out_dir) / default_name(config)
+    used = Path(config["out_dir"]) / (config["name"] or default_name(config))  # train.py's own (engine/resume.py)
+    if used != folder:  # the sweep would check, skip and resume one folder while train.py trains in another
+        if config["name"] is None:
+            raise ConfigError(f"train.py would put this run in {used}, not in {folder} where the sweep looks for it")
+        config_file = vars(build_parser().parse_args(args))["config"]
+        said, fix = (f"--name would put this run in {used}", "drop --name") if "name" in given(words) else \
+            (f"name: {config['name']} from {config_file} would put every run of its sweep in {used}",
+             "drop name: from the config file (or give one without it)")
+        raise ConfigError(f"{said}, not in the folder named after its settings ({folder}) where the sweep checks, "
+                          f"skips and resumes it; {OWN['name']}: {fix}")
     if options.group and wandb_mode(config["wandb_mode"]) != "disabled" and config["wandb_group"] is None:
         args += ["--wandb-group", options.group]
-    return Run(args, Path(options.out_dir) / default_name(config), config)
+    return Run(args, folder, config)
 
 
 def check(runs, skip=(), measure=False):
@@ -180,19 +209,36 @@ def check(runs, skip=(), measure=False):
             raise ConfigError(f"{run.name}: {e}") from None
 
 
-def run_local(runs, slots):
-    """One run per slot at a time; a waiting run starts once its source has finished -> exit code."""
+def run_local(runs, slots, shells=()):
+    """One run per slot at a time; a waiting run starts once its source has finished -> exit code.
+    A stop signal is passed on to every running train.py (each in its own session: a terminal's Ctrl-C
+    reaches it only this way, so once) and starts no further run; the queue then waits for them and says
+    in one line what stopped, exit train.py's stop code. `shells`: the calling script's shells
+    (script_shells); when one ends (a signal to the script), the runs stop as by SIGTERM."""
     todo, lock, report = list(runs), threading.Lock(), {"done": [], "failed": [], "skipped": [], "waiting": []}
     running = set()
+    children, received, stopped = {}, [], []  # Popen -> run; the stop signals received; (run, exit code)
+    guard = threading.RLock()  # a child starts, or the signals are passed on, never both at once (an RLock: a
+    # second signal may run its handler inside the first's)
+
+    def forward(signum, frame=None):  # in the main thread, which waits in Thread.join
+        if signum in STOP_SIGNALS:
+            received.append(signum)
+        with guard:
+            for proc in list(children):
+                with contextlib.suppress(OSError):
+                    proc.send_signal(signum)
+        if signum == signal.SIGTSTP:  # Ctrl-Z: the runs pause with the sweep (fg, bg: SIGCONT, passed on)
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     def next_run():
         with lock:
-            while True:
+            while not received:
                 for run in list(todo):
                     if run.finished():
                         todo.remove(run)
                         report["skipped"].append(run.name)
-                        print(f"skip {run.name} (finished)", flush=True)
+                        tell(f"skip {run.name} (finished)")
                     elif not run.waiting():
                         todo.remove(run)
                         running.add(run.dir)
@@ -204,38 +250,136 @@ def run_local(runs, slots):
                 lock.release()  # wait for a source that runs now
                 time.sleep(1)
                 lock.acquire()
+            return None
 
-    def worker(slot):
-        while (run := next_run()) is not None:
+    def start(run, slot):
+        """-> the run's train.py, started, or None when a stop signal came first."""
+        command = run.command()
+        with guard:
+            if received:
+                return None
             run.dir.mkdir(parents=True, exist_ok=True)
-            command = run.command()
-            print(f"[{slot}] start {run.name}", flush=True)
             with open(run.dir / "stdout.log", "a", opener=no_links) as log:  # a retry keeps the failed attempt's log
                 log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} on {slot}: {shlex.join(command)}\n")
                 log.flush()
                 env = {**os.environ, "CUDA_VISIBLE_DEVICES": "" if slot == "cpu" else slot}
-                code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+                proc = subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+            children[proc] = run
+        tell(f"[{slot}] start {run.name}")
+        return proc
+
+    def worker(slot):
+        while (run := next_run()) is not None:
+            proc = start(run, slot)
+            if proc is None:
+                with lock:
+                    running.discard(run.dir)
+                    todo.append(run)  # not started: the stop line counts it
+                return
+            code = proc.wait()
+            with guard:
+                del children[proc]
             with lock:
                 running.discard(run.dir)
+                if received and code:  # stopped (or failed) after a stop signal: the stop line says it
+                    stopped.append((run, code))
+                    continue
                 report["failed" if code else "done"].append(run.name)
-            print(f"[{slot}] {'FAIL' if code else 'done'}  {run.name}" +
-                  (f" (exit {code}; log: {run.dir / 'stdout.log'}){said(run.dir / 'stdout.log')}" if code else ""),
-                  flush=True)
+            tell(f"[{slot}] {'FAIL' if code else 'done'}  {run.name}" +
+                 (f" (exit {code}; log: {run.dir / 'stdout.log'}){said(run.dir / 'stdout.log')}" if code else ""))
 
     threads = [threading.Thread(target=worker, args=(slot,)) for slot in slots]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    print(f"finished: {len(report['done'])} run(s), skipped (already finished): {len(report['skipped'])}, "
-          f"failed: {len(report['failed'])}")
+    watching = threading.Event()
+    previous = {signum: signal.signal(signum, forward) for signum in (*STOP_SIGNALS, signal.SIGTSTP, signal.SIGCONT)}
+    try:
+        if shells:
+            threading.Thread(target=watch, args=(shells, received, watching), daemon=True).start()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        watching.set()
+        restore(previous)
+    if received:
+        return stop_report(received, stopped, report, todo)
+    tell(f"finished: {len(report['done'])} run(s), skipped (already finished): {len(report['skipped'])}, "
+         f"failed: {len(report['failed'])}")
     for name in report["failed"]:
-        print(f"  failed: {name}")
+        tell(f"  failed: {name}")
     for name in report["waiting"]:
-        print(f"  waiting: {name} (its --relabel-from source has not finished; run this command again when it has)")
+        tell(f"  waiting: {name} (its --relabel-from source has not finished; run this command again when it has)")
     if report["failed"]:
-        print("re-run the same command to retry the failed runs (finished ones are skipped)")
+        tell("re-run the same command to retry the failed runs (finished ones are skipped)")
     return 1 if report["failed"] else 0
+
+
+def stop_report(received, stopped, report, left):
+    """The queue's one line after a stop signal -> train.py's stop code (130 once a run stopped by Ctrl-C)."""
+    left = [run for run in left if not run.finished()]
+    codes = [code for _, code in stopped if code in (STOPPED, INTERRUPTED)]
+    kept = [run.name for run, code in stopped if code in (STOPPED, INTERRUPTED) and (run.dir / "last.pt").is_file()]
+    fresh = sum(code in (STOPPED, INTERRUPTED) and not (run.dir / "last.pt").is_file() for run, code in stopped)
+    failed = [f"{run.name} (exit {code}; log: {run.dir / 'stdout.log'})" for run, code in stopped
+              if code not in (STOPPED, INTERRUPTED)] + report["failed"]
+    parts = [*([f"{len(kept)} run(s) stopped with a checkpoint ({', '.join(kept)})"] if kept else []),
+             *([f"{fresh} run(s) stopped before their first step (nothing to checkpoint)"] if fresh else []),
+             *([f"{len(left)} not started"] if left else []),
+             *([f"{len(report['done'])} finished"] if report["done"] else []),
+             *([f"failed: {', '.join(failed)}"] if failed else [])] or ["no run was running"]
+    say(f"stopped by {signal_name(received[0])}: {'; '.join(parts)}. Run the same command again to resume them "
+        f"(finished runs are skipped)")
+    return max(codes) if codes else exit_code(received[0])
+
+
+def tell(line):
+    """A line of the queue's report on stdout; after SIGHUP the terminal may be gone, and the queue goes on."""
+    try:
+        print(line, flush=True)
+    except OSError:
+        pass
+
+
+def script_shells():
+    """The shells of the scripts/*.sh that started this sweep, nearest first -> [pid] ([] when none, or
+    no /proc). A script pipes its lines into the sweep, so its shell cannot exec it: a signal to the
+    script's process (kill PID) ends that shell and never reaches the sweep, so run_local watches them."""
+    names = {p.name for p in (REPO / "scripts").glob("*.sh")}
+    shells, pid = [], os.getppid()
+    while pid > 1:
+        try:
+            argv = [os.fsdecode(a) for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:]]
+            here = Path(os.readlink(f"/proc/{pid}/cwd")) == REPO  # each script cds to the repository first
+            parent = parent_of(pid)
+        except (OSError, ValueError):
+            break
+        script = next((a for a in argv if not a.startswith("-")), "")
+        if not here or Path(script).name not in names:
+            break
+        shells.append(pid)
+        pid = parent
+    return shells
+
+
+def parent_of(pid):
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 1:].split()[1])
+
+
+def watch(shells, received, done):
+    """Until `done`: once a shell of `shells` has ended (this process, or the next shell, has another
+    parent then), a SIGTERM to this process, unless a stop signal came already."""
+    def intact():
+        try:
+            return os.getppid() == shells[0] and all(parent_of(a) == b for a, b in zip(shells, shells[1:]))
+        except (OSError, ValueError):
+            return False
+    while not done.wait(0.5):
+        if not intact():
+            if not received:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return
 
 
 def said(log):
@@ -276,8 +420,13 @@ def main(argv=None):
 
 
 def _main(argv):
+    shells = script_shells()  # now: once a signal ends the calling script, its shells are gone
+    previous = {}
     try:
         options, extra = parse(argv)
+        if options.launcher == "local" and not options.dry_run and not options.relabelled:
+            # until the runs start, a stop signal stops at once, nothing started (run_local passes them on)
+            previous = {signum: signal.signal(signum, stop_at_once) for signum in STOP_SIGNALS}
         lines = [line for line in sys.stdin.read().splitlines() if line.strip()]
         runs = resolve(lines, extra, options)
         if options.relabelled:  # Table 4's stage 2: each run again, on the labels it predicts
@@ -288,13 +437,29 @@ def _main(argv):
             check(runs, measure=not options.dry_run)  # a dry run measures nothing
         else:
             return launch_slurm(runs, options)
+        if options.dry_run:
+            for run in runs:
+                print(f"skip {run.name} (finished)" if run.finished() else f"{shlex.join(run.command())}  # {run.dir}")
+            return 0
+        return run_local(runs, options.slots, shells)
     except ConfigError as e:
         return refuse(e)
-    if options.dry_run:
-        for run in runs:
-            print(f"skip {run.name} (finished)" if run.finished() else f"{shlex.join(run.command())}  # {run.dir}")
-        return 0
-    return run_local(runs, options.slots)
+    except StoppedStarting as e:
+        say(f"{e} while checking the runs: stopped before any run started; nothing was started")
+        return exit_code(e.signum)
+    finally:
+        restore(previous)
+
+
+def stop_at_once(signum, frame):
+    raise StoppedStarting(signum)
+
+
+def restore(handlers):
+    """Put back the signal handlers {signal: handler} that signal.signal returned (None: one set outside
+    Python, which cannot be put back: the default then)."""
+    for signum, handler in handlers.items():
+        signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 if __name__ == "__main__":
