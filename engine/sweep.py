@@ -18,8 +18,8 @@ A stop signal (engine/stopping.py's: Ctrl-C, kill, a closed terminal, ...) to th
 each running train.py once, which checkpoints the step in flight; no further run starts, and the sweep
 exits with train.py's stop code (75; 130 for Ctrl-C) and one line: the same command resumes the runs.
 Each train.py runs in its own session, so a terminal's Ctrl-C reaches it once (through the sweep), and a
-second Ctrl-C still means "stop now". A signal that ends the calling script (scripts/*.sh, whose shell
-does not exec the sweep) stops the runs as SIGTERM does."""
+second Ctrl-C still means "stop now". The scripts exec the sweep, so a signal to a script's process is one
+to the sweep."""
 
 import argparse
 import contextlib
@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine import checkpoint
 from engine.config import ConfigError, OneLineParser, build_parser, default_name, flag, parse_config, refuse
 from engine.stopping import INTERRUPTED, STOP_SIGNALS, STOPPED, StoppedStarting, exit_code, say, signal_name
 from engine.tracker import no_links, wandb_mode
@@ -63,10 +64,10 @@ class Run:
         return Path(self.config["relabel_from"]) if self.config["relabel_from"] else None
 
     def finished(self):
-        return (self.dir / "results.json").is_file()
+        return checkpoint.finished(self.dir)
 
     def waiting(self):
-        return self.source is not None and not (self.source / "results.json").is_file()
+        return self.source is not None and not checkpoint.finished(self.source)
 
     def command(self):
         resume = ["--resume"] if (self.dir / "last.pt").is_file() else []
@@ -184,7 +185,9 @@ def resolve_line(line, extra, extra_keys, options):
              "drop name: from the config file (or give one without it)")
         raise ConfigError(f"{said}, not in the folder named after its settings ({folder}) where the sweep checks, "
                           f"skips and resumes it; {OWN['name']}: {fix}")
-    if options.group and wandb_mode(config["wandb_mode"]) != "disabled" and config["wandb_group"] is None:
+    from engine.resume import read_run_config
+    recorded = ((read_run_config(folder) or {}).get("config") or {}).get("wandb_mode")  # a run started by hand
+    if options.group and wandb_mode(config["wandb_mode"] or recorded) != "disabled" and config["wandb_group"] is None:
         args += ["--wandb-group", options.group]
     return Run(args, folder, config)
 
@@ -209,12 +212,11 @@ def check(runs, skip=(), measure=False):
             raise ConfigError(f"{run.name}: {e}") from None
 
 
-def run_local(runs, slots, shells=()):
+def run_local(runs, slots):
     """One run per slot at a time; a waiting run starts once its source has finished -> exit code.
     A stop signal is passed on to every running train.py (each in its own session: a terminal's Ctrl-C
     reaches it only this way, so once) and starts no further run; the queue then waits for them and says
-    in one line what stopped, exit train.py's stop code. `shells`: the calling script's shells
-    (script_shells); when one ends (a signal to the script), the runs stop as by SIGTERM."""
+    in one line what stopped, exit train.py's stop code."""
     todo, lock, report = list(runs), threading.Lock(), {"done": [], "failed": [], "skipped": [], "waiting": []}
     running = set()
     children, received, stopped = {}, [], []  # Popen -> run; the stop signals received; (run, exit code)
@@ -290,17 +292,13 @@ def run_local(runs, slots, shells=()):
                  (f" (exit {code}; log: {run.dir / 'stdout.log'}){said(run.dir / 'stdout.log')}" if code else ""))
 
     threads = [threading.Thread(target=worker, args=(slot,)) for slot in slots]
-    watching = threading.Event()
     previous = {signum: signal.signal(signum, forward) for signum in (*STOP_SIGNALS, signal.SIGTSTP, signal.SIGCONT)}
     try:
-        if shells:
-            threading.Thread(target=watch, args=(shells, received, watching), daemon=True).start()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
     finally:
-        watching.set()
         restore(previous)
     if received:
         return stop_report(received, stopped, report, todo)
@@ -341,47 +339,6 @@ def tell(line):
         pass
 
 
-def script_shells():
-    """The shells of the scripts/*.sh that started this sweep, nearest first -> [pid] ([] when none, or
-    no /proc). A script pipes its lines into the sweep, so its shell cannot exec it: a signal to the
-    script's process (kill PID) ends that shell and never reaches the sweep, so run_local watches them."""
-    names = {p.name for p in (REPO / "scripts").glob("*.sh")}
-    shells, pid = [], os.getppid()
-    while pid > 1:
-        try:
-            argv = [os.fsdecode(a) for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:]]
-            here = Path(os.readlink(f"/proc/{pid}/cwd")) == REPO  # each script cds to the repository first
-            parent = parent_of(pid)
-        except (OSError, ValueError):
-            break
-        script = next((a for a in argv if not a.startswith("-")), "")
-        if not here or Path(script).name not in names:
-            break
-        shells.append(pid)
-        pid = parent
-    return shells
-
-
-def parent_of(pid):
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat[stat.rindex(")") + 1:].split()[1])
-
-
-def watch(shells, received, done):
-    """Until `done`: once a shell of `shells` has ended (this process, or the next shell, has another
-    parent then), a SIGTERM to this process, unless a stop signal came already."""
-    def intact():
-        try:
-            return os.getppid() == shells[0] and all(parent_of(a) == b for a, b in zip(shells, shells[1:]))
-        except (OSError, ValueError):
-            return False
-    while not done.wait(0.5):
-        if not intact():
-            if not received:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return
-
-
 def said(log):
     """The last `error:` or `bug:` line of a run's log, to show beside its FAIL line."""
     try:
@@ -420,7 +377,6 @@ def main(argv=None):
 
 
 def _main(argv):
-    shells = script_shells()  # now: once a signal ends the calling script, its shells are gone
     previous = {}
     try:
         options, extra = parse(argv)
@@ -441,7 +397,7 @@ def _main(argv):
             for run in runs:
                 print(f"skip {run.name} (finished)" if run.finished() else f"{shlex.join(run.command())}  # {run.dir}")
             return 0
-        return run_local(runs, options.slots, shells)
+        return run_local(runs, options.slots)
     except ConfigError as e:
         return refuse(e)
     except StoppedStarting as e:

@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 config=$1; shift
 run() { printf '%q ' "$@"; echo; }  # one train.py command line
 
-for seed in ${SEEDS-0 1 2 3 4}; do
-    run --config "$config" --seed "$seed"
-done | python -m engine.sweep --reads SEEDS --group "seeds-$(basename "$config" .yaml)" "$@"
+runs() {
+    for seed in ${SEEDS-0 1 2 3 4}; do
+        run --config "$config" --seed "$seed"
+    done
+}
+exec python -m engine.sweep --reads SEEDS --group "seeds-$(basename "$config" .yaml)" "$@" < <(runs)

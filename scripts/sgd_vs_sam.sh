@@ -16,10 +16,13 @@ case ${DOUBLE_SGD-yes} in yes|no) ;; *) echo "error: DOUBLE_SGD is yes or no, go
 epochs=$(python -m engine.config epochs --config "$config" ${EPOCHS:+--epochs "$EPOCHS"})
 name=$(basename "$config" .yaml)
 
-for seed in ${SEEDS-0 1 2 3 4}; do
-    common=(--config "$config" ${AUGMENT:+--augment "$AUGMENT"} --seed "$seed")
-    run "${common[@]}" --optimizer sgd --epochs "$epochs"
-    run "${common[@]}" --optimizer sam --epochs "$epochs"
-    [ "${DOUBLE_SGD-yes}" = no ] || run "${common[@]}" --optimizer sgd --epochs $((2 * epochs))
-    [ -z "${LATE_SAM-}" ] || run "${common[@]}" --optimizer sam --epochs "$epochs" --sam-start-epoch "$LATE_SAM"
-done | python -m engine.sweep --reads "SEEDS AUGMENT EPOCHS DOUBLE_SGD LATE_SAM" --group "table1-${name%_sam}-${AUGMENT:-config}" "$@"
+runs() {
+    for seed in ${SEEDS-0 1 2 3 4}; do
+        common=(--config "$config" ${AUGMENT:+--augment "$AUGMENT"} --seed "$seed")
+        run "${common[@]}" --optimizer sgd --epochs "$epochs"
+        run "${common[@]}" --optimizer sam --epochs "$epochs"
+        [ "${DOUBLE_SGD-yes}" = no ] || run "${common[@]}" --optimizer sgd --epochs $((2 * epochs))
+        [ -z "${LATE_SAM-}" ] || run "${common[@]}" --optimizer sam --epochs "$epochs" --sam-start-epoch "$LATE_SAM"
+    done
+}
+exec python -m engine.sweep --reads "SEEDS AUGMENT EPOCHS DOUBLE_SGD LATE_SAM" --group "table1-${name%_sam}-${AUGMENT:-config}" "$@" < <(runs)

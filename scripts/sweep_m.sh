@@ -10,8 +10,11 @@ cd "$(dirname "$0")/.."
 config=$1; shift
 run() { printf '%q ' "$@"; echo; }  # one train.py command line
 
-for m in ${MS-16 32 64 128 256}; do
-    for rho in ${RHOS-0.01 0.02 0.05 0.1 0.2 0.5}; do
-        run --config "$config" --optimizer sam --m-sharpness "$m" --rho "$rho" --seed "${SEED-0}"
+runs() {
+    for m in ${MS-16 32 64 128 256}; do
+        for rho in ${RHOS-0.01 0.02 0.05 0.1 0.2 0.5}; do
+            run --config "$config" --optimizer sam --m-sharpness "$m" --rho "$rho" --seed "${SEED-0}"
+        done
     done
-done | python -m engine.sweep --reads "MS RHOS SEED" --group "m-$(basename "$config" .yaml)" "$@"
+}
+exec python -m engine.sweep --reads "MS RHOS SEED" --group "m-$(basename "$config" .yaml)" "$@" < <(runs)

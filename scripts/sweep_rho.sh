@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 config=$1; shift
 run() { printf '%q ' "$@"; echo; }  # one train.py command line
 
-for rho in ${RHOS-0.01 0.02 0.05 0.1 0.2 0.5}; do
-    run --config "$config" --optimizer sam --rho "$rho" --val-split "${VAL_SPLIT-0.1}" --seed "${SEED-0}"
-done | python -m engine.sweep --reads "RHOS VAL_SPLIT SEED" --group "rho-$(basename "$config" .yaml)" "$@"
+runs() {
+    for rho in ${RHOS-0.01 0.02 0.05 0.1 0.2 0.5}; do
+        run --config "$config" --optimizer sam --rho "$rho" --val-split "${VAL_SPLIT-0.1}" --seed "${SEED-0}"
+    done
+}
+exec python -m engine.sweep --reads "RHOS VAL_SPLIT SEED" --group "rho-$(basename "$config" .yaml)" "$@" < <(runs)

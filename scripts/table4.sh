@@ -24,7 +24,7 @@ bootstrapped() {  # the stage-1 runs that stage 2 learns labels from
     done
 }
 
-{
+runs() {
     for level in ${LEVELS-0.2 0.4 0.6 0.8}; do
         for seed in ${SEEDS-0 1 2}; do
             run --config configs/labelnoise/sgd.yaml --label-noise "$level" --seed "$seed"
@@ -32,4 +32,5 @@ bootstrapped() {  # the stage-1 runs that stage 2 learns labels from
     done
     bootstrapped
     bootstrapped | sweep --relabelled "$@"  # each line again, with --relabel-from its own run folder
-} | sweep --group table4 "$@"
+}
+exec python -m engine.sweep --reads "SEEDS LEVELS ALPHAS" --group table4 "$@" < <(runs "$@")

@@ -67,7 +67,8 @@ def assert_same_run(a_dir, b_dir):
             for d in (a_dir, b_dir)]
     assert rows[0] == rows[1]  # the same steps and epochs logged, once each, with the same values
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (a_dir, b_dir))
-    assert {k: v for k, v in ra.items() if k != "wall_time_s"} == {k: v for k, v in rb.items() if k != "wall_time_s"}
+    own = ("wall_time_s", "run_id")  # each run its own
+    assert {k: v for k, v in ra.items() if k not in own} == {k: v for k, v in rb.items() if k not in own}
 
 
 # ---- a signal: finish the step, checkpoint it, exit; resume that step ----------------------------

@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from conftest import REPO, write_cifar10
+import train
 from engine import checkpoint, sweep
 from engine.config import default_name, parse_config
 
@@ -32,6 +33,9 @@ def data_for_the_checks(tmp_path_factory):
     os.environ.pop("SAM_DATA_DIR", None)
 
 
+FINISH = ("import pathlib, sys; d = pathlib.Path(sys.argv[1]); (d / 'config.yaml').write_text('meta: {wandb_id: r1}'); "
+          "(d / 'results.json').write_text('{\"run_id\": \"r1\"}')")  # what a finished run leaves, as finished() reads
+
 def script_env(**extra):
     """A user's environment: `python` on PATH is this interpreter."""
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -45,9 +49,12 @@ def script(name, *args, env_extra=None):
 
 
 def dry(name, *args, env_extra=None):
-    """A dry run's lines -> [(train.py arguments, run folder)]."""
+    """A dry run's lines -> [(train.py arguments, run folder)]; in an empty --out-dir unless one is given (the
+    repository's own runs/ holds whatever its user left there)."""
+    import tempfile
     at = args.index("--") if "--" in args else len(args)
-    result = script(name, *args[:at], "--dry-run", *args[at:], env_extra=env_extra)
+    out = [] if "--out-dir" in args[:at] else ["--out-dir", tempfile.mkdtemp(prefix="dry-")]
+    result = script(name, *args[:at], *out, "--dry-run", *args[at:], env_extra=env_extra)
     assert result.returncode == 0, result.stderr
     runs = []
     for line in result.stdout.strip().splitlines():
@@ -74,7 +81,7 @@ def test_the_rho_sweep_is_the_papers_grid_on_a_validation_split():
     for words, folder in runs:
         assert value(words, "--val-split") == "0.1" and value(words, "--wandb-group") == "rho-wrn28-10_sam"
         assert folder == folder_of(words) and "+epochs=3" in folder and "+val_split=0.1" in folder
-    assert folder == "runs/sam_wrn28_10-cifar10-basic-sam-rho0.5-seed0+epochs=3+val_split=0.1"
+    assert Path(folder).name == "sam_wrn28_10-cifar10-basic-sam-rho0.5-seed0+epochs=3+val_split=0.1"
 
 
 def test_the_m_sweep_is_m_by_rho_and_its_variables_set_the_lists():
@@ -138,8 +145,9 @@ def test_the_same_experiment_always_finds_the_same_folder(flags, forms, cut, see
 def test_a_script_and_a_plain_command_of_one_experiment_share_a_folder():
     ((args, folder),) = dry("seeds.sh", "configs/resnet18_sam.yaml", "--", "--batch_size=64", "--subset", "256",
                             env_extra={"SEEDS": "0"})
+    out = ["--out-dir", str(Path(folder).parent)]
     assert folder == folder_of(args) == folder_of(["--subset=256", "--seed", "0", "--config",
-                                                   "configs/resnet18_sam.yaml", "--batch-size", "64"])
+                                                   "configs/resnet18_sam.yaml", "--batch-size", "64", *out])
 
 
 @pytest.mark.parametrize("name, args, env, message", [
@@ -184,7 +192,8 @@ def test_a_run_that_waits_for_its_source_starts_once_the_source_has_finished(tmp
     order = tmp_path / "order"
 
     def command(run):
-        return ["sh", "-c", f"sleep 1; echo {run.name} $CUDA_VISIBLE_DEVICES >> {order}; touch {run.dir}/results.json"]
+        return ["sh", "-c", f"sleep 1; echo {run.name} $CUDA_VISIBLE_DEVICES >> {order}; "
+                            f"{shlex.quote(sys.executable)} -c {shlex.quote(FINISH)} {run.dir}"]
     monkeypatch.setattr(sweep.Run, "command", command)
     source = sweep.Run([], tmp_path / "source", {"relabel_from": None})
     runs = [sweep.Run([], tmp_path / "bootstrap", {"relabel_from": str(source.dir)}),
@@ -197,7 +206,7 @@ def test_a_run_that_waits_for_its_source_starts_once_the_source_has_finished(tmp
 
 
 def test_a_run_whose_source_is_neither_finished_nor_in_the_sweep_waits_and_is_reported(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sweep.Run, "command", lambda run: ["sh", "-c", f"touch {run.dir}/results.json"])
+    monkeypatch.setattr(sweep.Run, "command", lambda run: [sys.executable, "-c", FINISH, str(run.dir)])
     runs = [sweep.Run([], tmp_path / "bootstrap", {"relabel_from": str(tmp_path / "elsewhere")}),
             sweep.Run([], tmp_path / "plain", {"relabel_from": None})]
     assert sweep.run_local(runs, ["cpu"]) == 0
@@ -370,13 +379,24 @@ def test_summarize_without_results_is_exit_2(tmp_path, capsys):
 
 
 def test_finished_runs_anywhere_in_the_queue_are_skipped_and_the_rest_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep.Run, "command", lambda run: ["sh", "-c", f"touch {run.dir}/results.json"])
+    monkeypatch.setattr(sweep.Run, "command", lambda run: [sys.executable, "-c", FINISH, str(run.dir)])
     runs = [sweep.Run([], tmp_path / str(i), {"relabel_from": None}) for i in range(5)]
     for i in (0, 2, 3):
         runs[i].dir.mkdir()
-        (runs[i].dir / "results.json").write_text("{}")
+        subprocess.run([sys.executable, "-c", FINISH, str(runs[i].dir)], check=True)
+    assert sum(run.finished() for run in runs) == 3
     assert sweep.run_local(runs, ["cpu"]) == 0
     assert all(run.finished() for run in runs)
+
+
+def test_a_results_json_of_another_run_does_not_make_a_run_finished(tmp_path):
+    """A sweep skips a run only when its folder's results.json names the folder's own run."""
+    run = sweep.Run([], tmp_path / "r", {"relabel_from": None})
+    run.dir.mkdir()
+    subprocess.run([sys.executable, "-c", FINISH, str(run.dir)], check=True)
+    assert run.finished()
+    (run.dir / "config.yaml").write_text("meta: {wandb_id: r2}")
+    assert not run.finished()
 
 
 SCRIPTS = ["seeds.sh", "sgd_vs_sam.sh", "sweep_m.sh", "sweep_rho.sh", "table4.sh"]
@@ -410,3 +430,18 @@ def test_another_scripts_variable_is_refused_as_doing_nothing(tmp_path_factory, 
     assert result.stderr.startswith(f"error: ${var} is set, but this script does not read it") and \
         result.stderr.count("\n") == 1, result.stderr
     assert not out.exists()
+
+
+def test_a_run_started_by_hand_without_w_and_b_is_resumed_by_a_sweep_without_its_group(tmp_path):
+    """A sweep's W&B group goes only to runs that log to W&B: a run of the same experiment started by hand with
+    --wandb-mode disabled (and stopped) is resumed as it is, not refused for a group it cannot use."""
+    data = write_cifar10(tmp_path / "data", per_batch=40)
+    flags = ["--model", "wrn10_1", "--batch-size", "32", "--epochs", "1", "--device", "cpu", "--data-dir", str(data)]
+    out = tmp_path / "runs"
+    assert train.main(["--config", "configs/resnet18_sam.yaml", "--seed", "0", *flags, "--out-dir", str(out),
+                       "--wandb-mode", "disabled"]) == 0
+    (folder,) = out.iterdir()
+    (folder / "results.json").unlink()  # as if stopped after its last checkpoint
+    ((args, where),) = dry("seeds.sh", "configs/resnet18_sam.yaml", "--out-dir", str(out), "--", *flags,
+                           env_extra={"SEEDS": "0"})
+    assert where == str(folder) and "--wandb-group" not in args and args[-1] == "--resume"
