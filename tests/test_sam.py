@@ -678,3 +678,39 @@ def test_sam_takes_a_one_element_tensor_and_refuses_bools_strings_and_longer_ten
         for bad in (True, "0.1", torch.tensor([0.1, 0.2]), torch.tensor(float("nan"))):
             with pytest.raises(ValueError, match=f"{key} must be a real number in"):
                 SAM(model.parameters(), torch.optim.SGD, **{"lr": 0.1, "rho": 0.05, key: bad})
+
+
+@pytest.mark.parametrize("key, low, high", [("rho", 0.0, 100.0), ("eta", 0.0, 100.0), ("eps", 1e-30, 1e-3),
+                                            ("p", 1.5, math.inf)])
+def test_each_range_holds_its_bounds_and_nothing_beyond(key, low, high):
+    """The documented interval, closed: its ends are accepted, a step beyond either is refused."""
+    params = lambda: small_model().parameters()  # noqa: E731
+    for value in (low, high):
+        SAM(params(), torch.optim.SGD, lr=LR, **{key: value})
+    for value in (low * 0.5 if low else -1e-9, high * 1.005):
+        if value != math.inf:
+            with pytest.raises(ValueError, match=f"{key} must be a real number in"):
+                SAM(params(), torch.optim.SGD, lr=LR, **{key: value})
+
+
+def test_numbers_are_stored_plain_and_a_tensor_lr_stays_a_tensor():
+    """numpy scalars become floats (what the group prints and checkpoints); torch's SGD takes a tensor lr,
+    which stays one; SAM's own rho and eta are always plain floats."""
+    opt = SAM(small_model().parameters(), torch.optim.SGD, rho=np.float32(0.05), eta=torch.tensor(0.01),
+              lr=torch.tensor(0.1), momentum=np.float64(0.9))
+    group = opt.param_groups[0]
+    assert type(group["rho"]) is float and type(group["eta"]) is float and type(group["momentum"]) is float
+    assert torch.is_tensor(group["lr"])
+
+
+def test_grouped_gradients_of_any_wrong_shape_are_refused():
+    """perturbation(grads): every parameter's grads (G, *param.shape) with one G; a wrong trailing shape is
+    refused even where its leading size looks right."""
+    model = small_model()
+    params = list(model.parameters())
+    grads = {p: torch.zeros(1, *p.shape) for p in params}
+    SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR).perturbation(grads)
+    bad = dict(grads)
+    bad[params[0]] = torch.zeros(1, *params[0].shape, 2)
+    with pytest.raises(ValueError, match="perturbation"):
+        SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR).perturbation(bad)
