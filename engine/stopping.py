@@ -210,9 +210,11 @@ def stop(run, message, tracker):
 def saved_note(run, step=None):
     if not (run.dir / "last.pt").is_file():
         return "no step was checkpointed, so nothing was saved"
-    held = f" and holds step {step}" + (f" (steps {step + 1}-{run.step} are lost)" if run.step > step + 1 else
-                                          f" (step {run.step} is lost)" if run.step > step else "")
-    return f"the last good checkpoint {run.dir / 'last.pt'} is intact" + (held if step is not None else "")
+    if step is None:
+        return f"the last good checkpoint {run.dir / 'last.pt'} is intact"
+    lost = (f" (steps {step + 1}-{run.step} are lost)" if run.step > step + 1 else
+            f" (step {run.step} is lost)" if run.step > step else "")
+    return f"the last good checkpoint {run.dir / 'last.pt'} is intact and holds step {step}{lost}"
 
 
 def fix_hint(run):

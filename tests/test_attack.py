@@ -136,7 +136,7 @@ T = [  # train.py: (arguments, words of the error line)
     (["--sam-start-epoch", "3", "--epochs", "2"], "--sam-start-epoch 3 is after the last epoch (2)"),
     (["--sam-prob", "2"], "sam_prob must be in [0, 1], got 2.0"),
     (["--sam-prob", "nan"], "sam_prob must be in [0, 1], got nan"),
-    (["--sam-p", "1"], "sam_p must be in (1, inf], got 1.0"),
+    (["--sam-p", "1"], "sam_p must be in [1.5, inf], got 1.0"),
     (["--sam-second-order", "--sam-p", "3"], "--sam-second-order supports only p = 2"),
     (["--sam-second-order", "--m-sharpness", "16"], "--sam-second-order does not combine"),
     (["--momentum", "0", "--nesterov"], "--nesterov needs momentum > 0"),
