@@ -12,7 +12,7 @@ from pathlib import Path
 
 from data.cifar import is_data_folder
 from engine.checkpoint import RUN_FILES, RUN_FOLDERS, enclosing_run, holder, in_use, is_run_folder
-from engine.config import path_problem, printable
+from engine.config import ConfigError, check_path
 
 FEW = 20  # series of at most this many points are drawn with a marker on each
 STYLES = ("-", "--", ":", "-.")
@@ -187,12 +187,11 @@ def is_kind(path, kind):
 
 
 def system_path(path, option):
-    """`path` as a Path, OutputError when the system cannot take it (engine.config.path_problem)."""
-    problem = path_problem(path)
-    if problem:
-        raise OutputError(f"{option} {printable(str(path)[:80])}{'...' if len(str(path)) > 80 else ''} {problem}; give "
-                          f"{'a shorter' if 'long' in problem else 'another'} path")
-    return Path(path)
+    """`path` as a Path, OutputError when the system cannot take it (engine.config.check_path's line)."""
+    try:
+        return check_path(path, option)
+    except ConfigError as e:
+        raise OutputError(str(e)) from None
 
 
 def check_place(path, option, own=(), folder=False):
